@@ -1,0 +1,3 @@
+"""AdderSR: multiplication-free image super-resolution with adder layers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Trained AdderSR weights: ``NAME.safetensors`` with a ``NAME.json`` of metadata."""
