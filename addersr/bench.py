@@ -1,0 +1,267 @@
+"""Benchmark super-resolution on the standard test sets: ``python -m addersr.bench``.
+
+Scores bicubic, a registry model (randomly initialised: a smoke test) or trained weights
+with the protocol of :mod:`addersr.eval` on every dataset folder of the data root, and
+prints a markdown table laid out like the AdderSR paper's (rows scale x model x method,
+cells PSNR/SSIM on Y). ``--json`` / ``--csv`` / ``--md`` write the results to files.
+
+Examples::
+
+    python -m addersr.bench --model bicubic --data-root ../shared/datasets/benchmark
+    python -m addersr.bench --weights edsr-baseline-adder-x2 --datasets Set5 Set14
+    python -m addersr.bench                       # every weights file shipped in weights/
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import dataset_root, find_datasets
+from .data.datasets import BENCHMARK_SETS
+from .eval import evaluate, load_images
+
+FIELDS = ("model", "op", "weights", "dataset", "scale", "images", "psnr", "ssim", "lpips",
+          "seconds_per_image", "params", "mults", "adds", "energy_mj")
+METHOD = {None: "-", "conv": "CNN", "adder": "AdderNet"}
+TABLE_SIZE = (720, 1280)  # output size for the table's operation and energy columns
+
+
+def device_name(device):
+    """A human description of ``device``, e.g. ``cuda:0 (NVIDIA H100)`` or ``cpu (..., 2 cores)``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{device.type} ({cpu}, {os.cpu_count()} cores)"
+
+
+class Job:
+    """One thing to evaluate: bicubic, a registry model or a weights file."""
+
+    def __init__(self, model, op, scales, weights=None, loaded=None):
+        self.model, self.op, self.scales, self.weights = model, op, list(scales), weights
+        self._loaded = loaded
+        self._built = {}
+
+    @property
+    def label(self):
+        if self.weights:
+            return self.weights
+        return self.model if self.op is None else f"{self.model}-{self.op}"
+
+    def network(self, scale):
+        """The network for ``scale`` ("bicubic" for the baseline), built once."""
+        if self.model == "bicubic":
+            return "bicubic"
+        if self._loaded is not None:
+            return self._loaded
+        if scale not in self._built:
+            from .models import build
+            torch.manual_seed(0)
+            self._built[scale] = build(self.model, scale, self.op)
+        return self._built[scale]
+
+
+def _costs(network, out_size):
+    """params, mults, adds, energy (mJ) of ``network`` for one output of ``out_size``."""
+    if network == "bicubic":
+        return {"params": None, "mults": None, "adds": None, "energy_mj": None}
+    from .energy import count_ops
+    ops = count_ops(network, out_size=out_size)
+    return {"params": sum(p.numel() for p in network.parameters()), "mults": ops["mults"],
+            "adds": ops["adds"], "energy_mj": ops["energy_pj"] / 1e9}
+
+
+def _stem_name(source):
+    name = Path(source).name
+    for suffix in (".safetensors", ".json"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _jobs(args, parser, device):
+    scales = args.scales or [2, 3, 4]
+    if args.model:
+        if args.model == "bicubic":
+            return [Job("bicubic", None, scales)]
+        from .models import MODELS
+        if args.model not in MODELS:
+            parser.error(f"unknown --model {args.model!r}; choose bicubic or one of {sorted(MODELS)}")
+        print(f"note: {args.model} ({args.op}) is randomly initialised: a smoke test, "
+              "not a trained result", file=sys.stderr)
+        return [Job(args.model, args.op, scales)]
+    from .models import list_weights, load
+    if args.weights:
+        sources = args.weights
+    else:
+        sources = [str(path.with_suffix("")) for path, _ in list_weights()]
+        if not sources:
+            print("note: no weights shipped in weights/; evaluating bicubic", file=sys.stderr)
+            return [Job("bicubic", None, scales)]
+    jobs = []
+    for source in sources:
+        try:
+            network = load(source, device=device)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
+        if args.scales and network.scale not in args.scales:
+            continue
+        jobs.append(Job(network.meta["model"], network.meta["op"], [network.scale],
+                        weights=_stem_name(source), loaded=network))
+    if not jobs:
+        parser.error(f"none of the weights is for the scales {args.scales}")
+    return jobs
+
+
+def markdown_table(results, datasets):
+    """The AdderSR-style table: rows scale x model x method, cells ``PSNR/SSIM``."""
+    cols = ["Scale", "Model", "Method", "Params", "#Mul (G)", "#Add (G)", "Energy (mJ)"] + datasets
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    rows = {}
+    for r in results:
+        key = (r["scale"], r["_order"])
+        rows.setdefault(key, {"r": r, "cells": {}})["cells"][r["dataset"]] = \
+            f"{r['psnr']:.2f}/{r['ssim']:.4f}"
+
+    def giga(value):
+        return "-" if value is None else f"{value / 1e9:.1f}"
+
+    for (scale, _), row in sorted(rows.items(), key=lambda kv: kv[0]):
+        r, costs = row["r"], row["r"]["_table_costs"]
+        params = "-" if costs["params"] is None else f"{costs['params'] / 1e6:.2f}M"
+        name = r["weights"] or r["model"]
+        cells = [f"x{scale}", name, METHOD.get(r["op"], r["op"]), params,
+                 giga(costs["mults"]), giga(costs["adds"]),
+                 "-" if costs["energy_mj"] is None else f"{costs['energy_mj']:.1f}"]
+        cells += [row["cells"].get(d, "-") for d in datasets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m addersr.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--model", help="'bicubic' or a registry name (randomly initialised)")
+    what.add_argument("--weights", nargs="+", metavar="PATH_OR_NAME",
+                      help="weights file(s); model and scale come from the JSON sidecar")
+    p.add_argument("--op", default="adder", choices=["adder", "conv"], help="layer kind for --model")
+    p.add_argument("--datasets", nargs="+", help=f"dataset folders (default: {' '.join(BENCHMARK_SETS)}, "
+                   "those present, else all)")
+    p.add_argument("--scales", nargs="+", type=int, choices=[2, 3, 4], help="default 2 3 4 (weights: their own)")
+    p.add_argument("--data-root", help="folder whose sub-folders are the datasets "
+                   "(default: $ADDERSR_DATA/benchmark, else the shipped Set5)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
+    p.add_argument("--tile", type=int, help="tile size in LR pixels (exact tiling: overlap = receptive field)")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    p.add_argument("--limit", type=int, help="only the first N images of each set (quick checks)")
+    p.add_argument("--save-images", metavar="DIR", help="write SR images to DIR/<model>/<set>/x<scale>/")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--csv", metavar="FILE")
+    p.add_argument("--md", metavar="FILE", help="write the markdown report to FILE")
+    return p
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.tile is not None and args.tile < 1:
+        parser.error("--tile must be a positive number of pixels")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be positive")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"bad --device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    try:
+        root = dataset_root(args.data_root)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    found = find_datasets(root)
+    if args.datasets:
+        missing = [d for d in args.datasets if d not in found]
+        if missing:
+            parser.error(f"dataset(s) {missing} not found in {root}; available: {sorted(found)}")
+        names = args.datasets
+    else:
+        names = [d for d in BENCHMARK_SETS if d in found] or list(found)
+    if not names:
+        parser.error(f"no dataset folders with images in {root}")
+    jobs = _jobs(args, parser, device)
+    if args.model and args.model != "bicubic":
+        for job in jobs:  # fail on an unsupported scale before any work
+            for s in job.scales:
+                try:
+                    job.network(s)
+                except ValueError as err:
+                    parser.error(str(err))
+
+    started = time.perf_counter()
+    dev = device_name(device)
+    print(f"device: {dev}\ndata root: {root}", file=sys.stderr)
+    steps = sum(len(j.scales) for j in jobs) * len(names)
+    results = []
+    table_costs = {}
+    with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr) as bar:
+        for dataset in names:
+            images = load_images(found[dataset])[: args.limit]
+            for order, job in enumerate(jobs):
+                for scale in job.scales:
+                    network = job.network(scale)
+                    bar.set_postfix_str(f"{dataset} x{scale} {job.label}")
+                    save = (Path(args.save_images) / job.label / dataset / f"x{scale}"
+                            if args.save_images else None)
+                    res = evaluate(network, images, scale, device=device, tile=args.tile,
+                                   self_ensemble=args.self_ensemble, lpips=not args.no_lpips,
+                                   progress=True, desc=f"{dataset} x{scale}", save_dir=save)
+                    h, w = (round(v / scale) * scale for v in res["mean_size"])
+                    if (order, scale) not in table_costs:
+                        table_costs[(order, scale)] = _costs(network, TABLE_SIZE)
+                    results.append({
+                        "model": job.model, "op": job.op, "weights": job.weights, "dataset": dataset,
+                        "scale": scale, "images": res["images"], "psnr": res["psnr"], "ssim": res["ssim"],
+                        "lpips": res["lpips"], "seconds_per_image": res["seconds_per_image"],
+                        **_costs(network, (h, w)),
+                        "_order": order, "_table_costs": table_costs[(order, scale)]})
+                    bar.update()
+
+    table = markdown_table(results, names)
+    public = [{k: r[k] for k in FIELDS} for r in results]
+    size = f"{TABLE_SIZE[1]}x{TABLE_SIZE[0]}"
+    report = (f"Device: {dev}. Data: {root}. PSNR (dB) / SSIM on Y, border = scale; "
+              f"#Mul, #Add and energy (45 nm FP32) for one {size} output. "
+              f"Wall time {time.perf_counter() - started:.0f} s.\n\n{table}\n")
+    print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": dev, "results": public}, indent=2) + "\n")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(public)
+    if args.md:
+        command = "python -m addersr.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+        Path(args.md).write_text(f"# Benchmark\n\n`{command}`\n\n{report}")
+    return public
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Weights on disk: ``NAME.safetensors`` (tensors) beside ``NAME.json`` (what they are).
+
+The JSON records ``format`` ("addersr"), ``format_version``, ``model``, ``scale``, ``op``,
+``config`` (architecture overrides, usually empty) and any training facts passed as
+``meta`` (iterations, data, metrics, ...). Files are only ever read with safetensors and
+json: nothing is unpickled.
+"""
+
+import importlib.util
+import json
+import os
+import warnings
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+__all__ = ["FORMAT_VERSION", "list_weights", "load", "save", "weights_dir"]
+
+FORMAT = "addersr"
+FORMAT_VERSION = 1
+_RESERVED = ("format", "format_version", "model", "scale", "op", "config")
+_SUFFIXES = (".safetensors", ".json")
+
+
+def weights_dir():
+    """The folder of shipped weights.
+
+    $ADDERSR_WEIGHTS if set; else the top-level ``weights/`` of a source or editable
+    checkout; else the installed ``addersr.weights`` package folder.
+    """
+    env = os.environ.get("ADDERSR_WEIGHTS")
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "weights").is_dir():
+        return root / "weights"
+    spec = importlib.util.find_spec("addersr.weights")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return root / "weights"
+
+
+def _stem(path):
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in _SUFFIXES else path
+
+
+def _atomic_write(path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save(model, path, meta=None):
+    """Write ``model``'s weights to ``PATH.safetensors`` and its description to ``PATH.json``.
+
+    ``path`` may end in ``.safetensors`` or ``.json`` or have no suffix. ``model`` must
+    come from :func:`addersr.models.build` (it needs ``config``). ``meta``: a
+    JSON-serialisable dict of extra facts; it may not use the keys
+    ``format, format_version, model, scale, op, config``. Returns the two paths.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("save() needs a model built by addersr.models.build (it has no .config)")
+    meta = dict(meta or {})
+    clash = sorted(set(meta) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"meta may not set the reserved key(s) {clash}")
+    overrides = {k: v for k, v in config.items() if k not in ("name", "scale", "op")}
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config["name"],
+            "scale": config["scale"], "op": config["op"], "config": overrides, **meta}
+    try:
+        text = json.dumps(info, indent=2) + "\n"
+    except TypeError as e:
+        raise ValueError(f"meta is not JSON-serialisable: {e}") from None
+    stem = _stem(path)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    st_path, json_path = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    header = {"format": FORMAT, "model": info["model"], "scale": str(info["scale"]), "op": info["op"],
+              "config": json.dumps(overrides, sort_keys=True)}
+    _atomic_write(st_path, lambda p: save_file(tensors, str(p), metadata=header))
+    _atomic_write(json_path, lambda p: p.write_text(text))
+    return st_path, json_path
+
+
+def _read_info(json_path):
+    try:
+        info = json.loads(Path(json_path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_path} is not valid JSON (truncated?): {e}") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError(f"{json_path} is not an AdderSR weights description (no \"format\": \"{FORMAT}\")")
+    version = info.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{json_path} has format_version {version!r}; this addersr reads up to "
+                         f"{FORMAT_VERSION}")
+    missing = [k for k in ("model", "scale", "op") if k not in info]
+    if missing:
+        raise ValueError(f"{json_path} lacks the key(s) {missing}")
+    return info
+
+
+def _resolve(path_or_name):
+    """(stem, is_bare_name): a bare name (no folder, no suffix) lives in :func:`weights_dir`."""
+    if isinstance(path_or_name, str) and not any(s in path_or_name for s in ("/", os.sep)) \
+            and Path(path_or_name).suffix not in _SUFFIXES:
+        return weights_dir() / path_or_name, True
+    return _stem(path_or_name), False
+
+
+def load(path_or_name, device="cpu", backend=None):
+    """Rebuild a model from ``NAME.json`` and load ``NAME.safetensors``; eval mode, on ``device``.
+
+    ``path_or_name``: a path (with or without suffix) or a bare name of shipped weights
+    (see :func:`weights_dir`). The JSON is attached as ``model.meta``. ``backend`` picks
+    the adder kernel. Raises FileNotFoundError for a missing file and ValueError for a
+    truncated, unreadable or mismatched one, naming the file and the problem.
+    """
+    stem, bare = _resolve(path_or_name)
+    st_path, json_path = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+    for p in (json_path, st_path):
+        if not p.is_file():
+            hint = ""
+            if bare:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    names = [w.with_suffix("").name for w, _ in list_weights()]
+                hint = f" (weights folder {weights_dir()}; available: {names or 'none'})"
+            raise FileNotFoundError(f"weights file {p} not found{hint}")
+    info = _read_info(json_path)
+    config = info.get("config") or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{json_path}: \"config\" must be an object, got {config!r}")
+    try:
+        model = _build(info["model"], info["scale"], info["op"], backend, config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{json_path} describes a model that cannot be built: {e}") from None
+    try:
+        with safe_open(str(st_path), "pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(st_path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{st_path} is truncated or not a safetensors file: {e}") from None
+    for key in ("model", "op", "scale"):
+        if key in header and header[key] != str(info[key]):
+            raise ValueError(f"{st_path} holds {key}={header[key]!r} but {json_path} says "
+                             f"{info[key]!r}: the two files do not belong together")
+    _check_tensors(model, tensors, st_path)
+    model.load_state_dict(tensors, strict=True)
+    model.to(device).eval()
+    model.meta = info
+    return model
+
+
+def _build(name, scale, op, backend, config):
+    from . import build
+    return build(name, scale, op, backend=backend, **config)
+
+
+def _check_tensors(model, tensors, where):
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [f"{k}: file {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
+             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_few(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes {_few(wrong)}")
+    if problems:
+        raise ValueError(f"{where} does not match {model.config}: " + "; ".join(problems))
+    for k, v in expected.items():
+        if tensors[k].dtype.is_floating_point != v.dtype.is_floating_point:
+            raise ValueError(f"{where}: tensor {k} has dtype {tensors[k].dtype}, expected {v.dtype}")
+
+
+def _few(items, n=5):
+    head = ", ".join(items[:n])
+    return f"[{head}{', ...' if len(items) > n else ''}] ({len(items)})"
+
+
+def list_weights(folder=None):
+    """Sorted ``(safetensors_path, meta)`` pairs of the weights in ``folder`` (default
+    :func:`weights_dir`). Files without a valid partner or description are skipped with a
+    warning."""
+    folder = Path(folder) if folder is not None else weights_dir()
+    if not folder.is_dir():
+        return []
+    found = []
+    for json_path in sorted(folder.glob("*.json")):
+        st_path = json_path.with_suffix(".safetensors")
+        try:
+            info = _read_info(json_path)
+        except ValueError as e:
+            warnings.warn(f"skipping {json_path}: {e}", stacklevel=2)
+            continue
+        if not st_path.is_file():
+            warnings.warn(f"skipping {json_path}: {st_path.name} is missing", stacklevel=2)
+            continue
+        found.append((st_path, info))
+    return found
+

@@ -1,0 +1,253 @@
+"""The Gradio demo: the handler called directly, then the served app through gradio_client."""
+
+import importlib.util
+import os
+import socket
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import gradio as gr  # noqa: E402
+
+from addersr import models  # noqa: E402
+from addersr.data import imresize  # noqa: E402
+from addersr.energy import count_ops  # noqa: E402
+from addersr.upscale import load_image, save_png  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+app = _import("addersr_app", ROOT / "app.py")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_weights(folder, metrics=True):
+    """Small random-weight models: edsr-baseline x2 (adder, conv), vdsr x2 (adder); the
+    adder ones get a made-up Set5 PSNR in their JSON when ``metrics``."""
+    torch.manual_seed(0)
+    specs = [("edsr-baseline", "adder", {"n_blocks": 1, "n_feats": 8}, "edsr-baseline_x2_adder"),
+             ("edsr-baseline", "conv", {"n_blocks": 1, "n_feats": 8}, "edsr-baseline_x2_conv"),
+             ("vdsr", "adder", {"depth": 3, "n_feats": 8}, "vdsr_x2_adder")]
+    for name, op, arch, stem in specs:
+        meta = {"note": "random weights for tests"}
+        if metrics and op == "adder":
+            meta["metrics"] = {"Set5": {"psnr": 30.5, "ssim": 0.9}}
+        models.save(models.build(name, 2, op=op, **arch), Path(folder) / stem, meta)
+    return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    return make_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def upscaler(weights_dir):
+    return app.Upscaler(weights_dir, device="cpu")
+
+
+def _expected_rgb(weights_dir, name, rgb_uint8):
+    """The model applied directly to a uint8 RGB image (clamped, rounded)."""
+    model = models.load(weights_dir / name)
+    x = torch.from_numpy(rgb_uint8).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        y = model(x)[0].clamp(0, 1).permute(1, 2, 0).numpy()
+    return np.rint(y * 255).astype(np.int16)
+
+
+class Recorder:
+    """Stands in for gr.Progress: records the (done, total) pairs it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, progress, desc=None, unit=None, **_):
+        self.calls.append(progress)
+
+
+# ----------------------------------------------------------------------- handler, directly
+
+def test_lists_weights_with_labels(upscaler):
+    assert upscaler.scales() == [2]
+    labels = dict((name, label) for label, name in upscaler.choices(2))
+    assert set(labels) == {"edsr-baseline_x2_adder", "edsr-baseline_x2_conv", "vdsr_x2_adder"}
+    assert "Set5 30.50 dB" in labels["edsr-baseline_x2_adder"] and "AdderSR" in labels[
+        "edsr-baseline_x2_adder"]
+    assert "CNN" in labels["edsr-baseline_x2_conv"] and "dB" not in labels["edsr-baseline_x2_conv"]
+    assert upscaler.choices(3) == []
+
+
+def test_rgb_matches_model_and_bicubic(tmp_path, upscaler, weights_dir):
+    rgb = np.random.default_rng(0).integers(0, 256, (11, 14, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    name = "edsr-baseline_x2_adder"
+    out, (bic, out2), stats = upscaler(str(tmp_path / "photo.png"), name, 0, progress=Recorder())
+    assert out == out2 and Path(out).name == f"photo_x2_{name}.png"
+    with Image.open(out) as im:
+        assert im.mode == "RGB" and im.size == (28, 22)
+        got = np.asarray(im).astype(np.int16)
+    assert np.abs(got - _expected_rgb(weights_dir, name, rgb)).max() <= 1
+    with Image.open(bic) as im:
+        np.testing.assert_array_equal(np.asarray(im), imresize(rgb, 2))
+    # the statistics: size, time and the operation counts of both twins
+    own = count_ops(models.build("edsr-baseline", 2, "adder", n_blocks=1, n_feats=8), (22, 28))
+    twin = count_ops(models.build("edsr-baseline", 2, "conv", n_blocks=1, n_feats=8), (22, 28))
+    assert "28x22" in stats and " s**" in stats
+    assert app._count(own["mults"]) in stats and app._count(twin["mults"]) in stats
+    assert app._energy(own["energy_pj"]) in stats and app._energy(twin["energy_pj"]) in stats
+    assert own["mults"] < twin["mults"]
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "I;16", "RGB16"])
+def test_modes_are_kept(tmp_path, upscaler, mode):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "img.png"
+    if mode == "RGB16":
+        save_png(rng.integers(0, 65536, (7, 9, 3), dtype=np.uint16), path)
+    elif mode == "I;16":
+        Image.fromarray(rng.integers(0, 65536, (7, 9), dtype=np.uint16)).save(path)
+    else:
+        channels = {"L": 1, "LA": 2, "RGBA": 4}[mode]
+        array = rng.integers(0, 256, (7, 9, channels), dtype=np.uint8)
+        Image.fromarray(array[..., 0] if channels == 1 else array).save(path)
+    out, (bic, _), _ = upscaler(str(path), "vdsr_x2_adder", 0, progress=Recorder())
+    result, bicubic = load_image(out), load_image(bic)
+    for img in (result, bicubic):
+        if mode == "RGB16":
+            assert isinstance(img, np.ndarray) and img.dtype == np.uint16
+            assert img.shape == (14, 18, 3)
+        else:
+            assert img.mode == mode and img.size == (18, 14)
+
+
+def test_large_input_is_tiled_exactly(tmp_path, upscaler, monkeypatch):
+    rgb = np.random.default_rng(2).integers(0, 256, (21, 30, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    whole, _, _ = upscaler(str(tmp_path / "big.png"), "edsr-baseline_x2_conv", 64,
+                           progress=Recorder())
+    monkeypatch.setattr(app, "TILE", 12)  # "large" now: tiles chosen automatically
+    progress = Recorder()
+    tiled, _, stats = upscaler(str(tmp_path / "big.png"), "edsr-baseline_x2_conv", 0,
+                               progress=progress)
+    assert "tiles of 12 px" in stats
+    np.testing.assert_array_equal(np.asarray(Image.open(whole)), np.asarray(Image.open(tiled)))
+    assert len(progress.calls) >= 2 and progress.calls[-1][0] == progress.calls[-1][1] > 1
+
+
+def test_size_limit(tmp_path, upscaler, monkeypatch):
+    # the real limit: 2049 x 2049 at x2 is just over 4096 x 4096; refused before decoding
+    Image.new("L", (2049, 2049)).save(tmp_path / "huge.png")
+    with pytest.raises(gr.Error, match="megapixels"):
+        upscaler(str(tmp_path / "huge.png"), "vdsr_x2_adder", 0, progress=Recorder())
+    # a header claiming 20000 x 20000 pixels: Pillow refuses it as a decompression bomb
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    (tmp_path / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    with pytest.raises(gr.Error, match="too large"):
+        upscaler(str(tmp_path / "bomb.png"), "vdsr_x2_adder", 0, progress=Recorder())
+    monkeypatch.setattr(app, "MAX_OUTPUT_PIXELS", 20 * 20)
+    Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
+    Image.new("RGB", (11, 10)).save(tmp_path / "over.png")
+    upscaler(str(tmp_path / "ok.png"), "vdsr_x2_adder", 0, progress=Recorder())
+    with pytest.raises(gr.Error, match="22x20"):
+        upscaler(str(tmp_path / "over.png"), "vdsr_x2_adder", 0, progress=Recorder())
+
+
+def test_bad_requests(tmp_path, upscaler):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(gr.Error, match="corrupt.png"):
+        upscaler(str(tmp_path / "corrupt.png"), "vdsr_x2_adder", 0, progress=Recorder())
+    Image.new("RGB", (40, 40), (5, 6, 7)).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 3])
+    with pytest.raises(gr.Error, match="cut.jpg"):
+        upscaler(str(tmp_path / "cut.jpg"), "vdsr_x2_adder", 0, progress=Recorder())
+    with pytest.raises(gr.Error, match="Upload"):
+        upscaler(None, "vdsr_x2_adder", 0, progress=Recorder())
+    with pytest.raises(gr.Error, match="Unknown weights"):
+        upscaler(str(tmp_path / "full.jpg"), "nope", 0, progress=Recorder())
+    with pytest.raises(gr.Error, match="Tile"):
+        upscaler(str(tmp_path / "full.jpg"), "vdsr_x2_adder", -3, progress=Recorder())
+
+
+def test_without_weights_the_app_still_builds(tmp_path):
+    demo = app.build_demo(weights_dir=tmp_path, device="cpu")
+    up = demo.upscaler
+    assert up.weights == {} and up.choices() == []
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+    with pytest.raises(gr.Error, match="No model weights"):
+        up(str(tmp_path / "x.png"), None, 0, progress=Recorder())
+    config = str(demo.get_config_file())
+    assert "No model weights found" in config
+
+
+def test_examples_are_reduced_set5(tmp_path):
+    paths = app.example_images(tmp_path)
+    assert sorted(p.name for p in paths) == sorted(p.name for p in app.ASSETS.glob("*.png"))
+    assert len(paths) == 5
+    with Image.open(tmp_path / "baby.png") as im, Image.open(app.ASSETS / "baby.png") as hr:
+        assert im.size == (hr.size[0] // app.EXAMPLE_REDUCTION, hr.size[1] // app.EXAMPLE_REDUCTION)
+
+
+# ----------------------------------------------------------------------- served, end to end
+
+@pytest.fixture(scope="module")
+def served(weights_dir):
+    demo = app.build_demo(weights_dir=weights_dir, device="cpu")
+    port = free_port()
+    app.launch(demo, port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_api_endpoint(served, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(served, verbose=False, download_files=str(tmp_path / "dl"))
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/upscale"]
+    params = api["parameters"]
+    assert params[0]["parameter_name"] == "image" and not params[0]["parameter_has_default"]
+    assert all(p["parameter_has_default"] for p in params[1:])
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (9, 12, 3), dtype=np.uint8)).save(
+        tmp_path / "in.png")
+    result, pair, stats = client.predict(handle_file(str(tmp_path / "in.png")), api_name="/upscale")
+    with Image.open(result) as im:
+        assert im.size == (24, 18)
+    assert "24x18" in stats
+    (tmp_path / "bad.png").write_bytes(b"garbage bytes")
+    with pytest.raises(AppError, match="not an image"):
+        client.predict(handle_file(str(tmp_path / "bad.png")), api_name="/upscale")
+
+
+def test_concurrent_requests(served, tmp_path):
+    """A smaller run of benchmarks/app_load.py: 20 concurrent requests all succeed."""
+    load = _import("app_load", ROOT / "benchmarks" / "app_load.py")
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+        tmp_path / "small.png")
+    report = load.fire(served, tmp_path / "small.png", requests=20)
+    assert report["ok"] == 20 and report["failed"] == []
+    assert all(size == (32, 32) for size in report["sizes"])

@@ -1,0 +1,302 @@
+"""Training: data pipeline, smoke runs of every model and op, exact resume, NaN stop,
+checkpoints, export, DDP on two CPU processes (gloo) and bad arguments."""
+
+import os
+import re
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from addersr import models, train
+from addersr.data import imresize
+from addersr.data.patches import PatchBatches, augment, load_training_images, make_lr_images
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny training steps run several times faster on one thread on a shared machine."""
+    import numba
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    numba.set_num_threads(numba_threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A training root with set A (three RGB images and a gray one) and a validation folder."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(1)
+    (root / "train" / "A").mkdir(parents=True)
+    (root / "train" / "Empty").mkdir()
+    (root / "val").mkdir()
+    for i, (h, w) in enumerate([(40, 36), (44, 52), (37, 41)]):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(img).save(root / "train" / "A" / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (30, 34), dtype=np.uint8)).save(root / "train" / "A" / "g.png")
+    for i in range(2):
+        smooth = np.kron(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8), np.ones((4, 4, 1), np.uint8))
+        Image.fromarray(smooth).save(root / "val" / f"{i}.png")
+    return root
+
+
+def _argv(data, out, *extra, model="edsr-baseline", op="adder", scale=2, patch=6, batch=2, iters=2):
+    return ["--model", model, "--op", op, "--scale", str(scale), "--data-root", str(data / "train"),
+            "--train-sets", "A", "--patch", str(patch), "--batch", str(batch), "--iters", str(iters),
+            "--val-every", "0", "--out", str(out), "--workers", "0", "--device", "cpu", *extra]
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+# --- data pipeline -------------------------------------------------------------------------
+
+def test_patches_aligned_with_bicubic_of_hr_patch(data):
+    images, _ = load_training_images(data / "train", ["A"])
+    assert len(images) == 4 and all(im.ndim == 3 and im.shape[2] == 3 for im in images)
+    scale, patch = 3, 8
+    ds = PatchBatches(images, scale, patch, batch=6, seed=5)
+    for index in range(3):
+        lr, hr = ds.numpy_batch(index)
+        assert lr.shape == (6, 3, patch, patch) and hr.shape == (6, 3, scale * patch, scale * patch)
+        assert lr.dtype == hr.dtype == np.uint8
+        for a, b in zip(lr, hr):
+            # away from the patch border (2 LR pixels of kernel support) the LR patch is the
+            # MATLAB bicubic shrink of the HR patch (+-1 for the pass order after a transpose)
+            down = imresize(np.ascontiguousarray(b.transpose(1, 2, 0)), 1 / scale).astype(int)
+            diff = np.abs(down[2:-2, 2:-2] - a.transpose(1, 2, 0)[2:-2, 2:-2].astype(int))
+            assert diff.max() <= 1
+        # each HR patch is a crop of a training image under one of the 8 transforms
+        for b in hr:
+            dihedral = [f(np.rot90(b, k, axes=(1, 2))).transpose(1, 2, 0)
+                        for k in range(4) for f in (lambda x: x, lambda x: x[:, :, ::-1])]
+            assert any((np.lib.stride_tricks.sliding_window_view(im, c.shape) == c).all(axis=(-3, -2, -1)).any()
+                       for c in dihedral for im in images)
+
+
+def test_batches_deterministic_per_seed_rank_index_and_workers(data):
+    images, _ = load_training_images(data / "train", ["A"])
+    ds = PatchBatches(images, 2, 5, batch=4, seed=3, rank=0, length=6)
+    other_rank = PatchBatches(images, 2, 5, batch=4, seed=3, rank=1, length=6)
+    other_seed = PatchBatches(images, 2, 5, batch=4, seed=4, rank=0, length=6)
+    first = [ds[i] for i in range(6)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, [ds[i] for i in range(6)]))
+    assert not torch.equal(first[0][1], first[1][1])
+    assert not torch.equal(first[0][1], other_rank[0][1])
+    assert not torch.equal(first[0][1], other_seed[0][1])
+    assert first[0][0].shape == (4, 3, 5, 5) and first[0][1].shape == (4, 3, 10, 10)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(2, 6), num_workers=2)
+    for (lr, hr), (lr0, hr0) in zip(loader, first[2:]):
+        assert torch.equal(lr, lr0) and torch.equal(hr, hr0)
+    with pytest.raises(IndexError):
+        ds[6]
+
+
+def test_augment_gives_the_eight_dihedral_transforms():
+    rng = np.random.default_rng(0)
+    lr0 = rng.integers(0, 256, (3, 4, 4), dtype=np.uint8)
+    hr0 = np.kron(lr0, np.ones((1, 2, 2), np.uint8))  # nearest x2 of lr0
+    out_lr, out_hr = augment([lr0] * 8, [hr0] * 8, np.arange(8))
+    assert out_lr.shape == (8, 3, 4, 4) and out_hr.shape == (8, 3, 8, 8)
+    group = {np.ascontiguousarray(f(np.rot90(hr0, k, axes=(1, 2)))).tobytes()
+             for k in range(4) for f in (lambda a: a, lambda a: a[:, ::-1])}
+    assert len(group) == 8 and {o.tobytes() for o in out_hr} == group
+    for a, b in zip(out_lr, out_hr):  # the same transform on both
+        assert np.array_equal(np.kron(a, np.ones((1, 2, 2), np.uint8)), b)
+
+
+def test_sampling_proportional_to_patch_positions():
+    big = np.zeros((40, 40, 3), np.uint8)
+    small = np.full((12, 12, 3), 255, np.uint8)
+    ds = PatchBatches([big, small], 2, 4, batch=256, seed=0)
+    # positions: big (20-4+1)^2 = 289, small (6-4+1)^2 = 9
+    frac = np.mean([(ds.numpy_batch(i)[0][:, 0, 0, 0] == 255).mean() for i in range(8)])
+    assert abs(frac - 9 / 298) < 0.015
+
+
+def test_patches_errors(data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_training_images(data / "train", ["Nope"])
+    with pytest.raises(ValueError, match="holds no images"):
+        load_training_images(data / "train", ["Empty"])
+    with pytest.raises(FileNotFoundError):
+        load_training_images(tmp_path / "missing", ["A"])
+    with pytest.raises(ValueError, match="large enough"):
+        PatchBatches([np.zeros((10, 10, 3), np.uint8)], 4, 3, batch=1)
+    hrs, lrs = make_lr_images([np.zeros((11, 13, 3), np.uint8)], 3)
+    assert hrs[0].shape == (9, 12, 3) and lrs[0].shape == (3, 4, 3)
+
+
+# --- training runs -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["adder", "conv"])
+@pytest.mark.parametrize("model", ["vdsr", "edsr-baseline", "edsr"])
+def test_smoke_every_model_and_op(data, tmp_path, model, op):
+    heavy = model == "edsr"
+    run = train.main(_argv(data, tmp_path, model=model, op=op, patch=4 if heavy else 6,
+                           batch=1 if heavy else 2, iters=1 if heavy else 2))
+    assert run.iteration == (1 if heavy else 2)
+    torch.manual_seed(0)
+    init = _params(models.build(model, 2, op=op))
+    changed = [k for k, v in _params(run.model).items() if not torch.equal(v, init[k])]
+    assert changed, "no parameter was updated"
+    ckpt = train.load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iteration"] == run.iteration and ckpt["config"]["model"] == model
+    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+    (tmp_path / "last.pt").unlink()  # edsr's holds 0.5 GB (weights and Adam moments)
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    straight = train.main(_argv(data, tmp_path / "a", "--ckpt-every", "4", patch=4, iters=8))
+    half = _params(train.main(_argv(data, tmp_path / "b", "--ckpt-every", "4", patch=4, iters=4)).model)
+    assert train.load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 4
+    resumed = train.main(_argv(data, tmp_path / "b", "--resume", "--ckpt-every", "4", patch=4, iters=8))
+    assert resumed.iteration == 8
+    a, b = _params(straight.model), _params(resumed.model)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max((half[k] - b[k]).abs().max().item() for k in a) > 1e-4  # iterations 5..8 did train
+    buffers = dict(resumed.model.named_buffers())
+    for k, v in straight.model.named_buffers():  # BN running statistics too
+        assert torch.allclose(v.float(), buffers[k].float(), atol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+    real = torch.nn.functional.l1_loss
+    calls = []
+
+    def poisoned(a, b):
+        calls.append(1)
+        loss = real(a, b)
+        return loss * float("nan") if len(calls) >= 5 else loss
+
+    monkeypatch.setattr(torch.nn.functional, "l1_loss", poisoned)
+    with pytest.raises(SystemExit, match="loss became nan between iterations 5 and 6"):
+        train.main(_argv(data, tmp_path, "--ckpt-every", "2", op="conv", iters=8))
+    ckpt = train.load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(data, tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f):
+        calls.append(1)
+        if len(calls) == 2:  # the checkpoint of iteration 2 dies half-written (disk full, kill)
+            f.write(b"partial")
+            raise OSError("No space left on device")
+        return real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        train.main(_argv(data, tmp_path, "--ckpt-every", "1", op="conv", iters=3))
+    assert train.load_checkpoint(tmp_path / "last.pt")["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("events")) == ["last.pt"]
+
+
+def test_validation_best_checkpoint_and_export(data, tmp_path, capsys):
+    from addersr.eval import evaluate
+    export = tmp_path / "exported" / "net"
+    run = train.main(_argv(data, tmp_path / "run", "--val-every", "2", "--val-data", str(data / "val"),
+                           "--export", str(export), op="conv", scale=4, patch=4, iters=4))
+    out = capsys.readouterr().out
+    printed = {int(m[0]): float(m[1]) for m in re.findall(r"iteration (\d+): val PSNR ([\d.]+) dB", out)}
+    assert sorted(printed) == [2, 4]
+    best = train.load_checkpoint(tmp_path / "run" / "best.pt")
+    best_it = max(printed, key=printed.get)
+    assert best["iteration"] == best_it and best["best_psnr"] == pytest.approx(printed[best_it], abs=1e-3)
+    assert train.load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 4
+    loaded = models.load(export)
+    meta = loaded.meta
+    assert (meta["model"], meta["scale"], meta["op"], meta["iterations"]) == ("edsr-baseline", 4, "conv", 4)
+    assert meta["train_sets"] == ["A"] and meta["device"] == "cpu" and meta["seconds"] >= 0
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.cpu())
+    # the recorded PSNR is that of the exported weights under the evaluation protocol
+    result = evaluate(loaded, data / "val", 4, device="cpu", progress=False)
+    assert meta["val_psnr"] == pytest.approx(result["psnr"], abs=1e-9)
+    assert meta["val_ssim"] == pytest.approx(result["ssim"], abs=1e-9)
+
+
+def test_amp_runs_for_conv(data, tmp_path):
+    run = train.main(_argv(data, tmp_path, "--amp", "--workers", "1", op="conv", iters=2))
+    assert run.scaler.is_enabled()
+    assert train.load_checkpoint(tmp_path / "last.pt")["scaler"]["scale"] > 0
+
+
+# --- bad arguments -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": "srcnn"}, "unknown model 'srcnn'"),
+    ({"scale": 5}, "unsupported scale 5"),
+    ({"sets": "Empty"}, "holds no images"),
+    ({"sets": "Missing"}, "training set 'Missing' not found"),
+    ({"extra": ["--amp"]}, "--amp is only allowed with --op conv"),
+    ({"extra": ["--patch", "0"]}, "--patch must be positive"),
+    ({"extra": ["--resume"]}, "cannot resume"),
+    ({"root": "nowhere"}, "does not exist"),
+])
+def test_bad_arguments(data, tmp_path, capsys, change, message):
+    argv = _argv(data, tmp_path, model=change.get("model", "vdsr"), scale=change.get("scale", 2))
+    argv[argv.index("--train-sets") + 1] = change.get("sets", "A")
+    if "root" in change:
+        argv[argv.index("--data-root") + 1] = str(tmp_path / change["root"])
+    argv += change.get("extra", [])
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_root(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ADDERSR_DATA", raising=False)
+    with pytest.raises(SystemExit):
+        train.main(["--model", "vdsr", "--out", str(tmp_path), "--device", "cpu"])
+    assert "pass --data-root" in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_recipe(data, tmp_path, capsys):
+    train.main(_argv(data, tmp_path, op="conv", iters=1))
+    with pytest.raises(SystemExit):
+        train.main(_argv(data, tmp_path, "--resume", op="conv", iters=2, batch=3))
+    assert "--batch 3 differs from the checkpoint's 2" in capsys.readouterr().err
+
+
+# --- distributed ---------------------------------------------------------------------------
+
+def _ddp_worker(rank, port, argv, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run = train.main(argv)
+    torch.save({k: v.detach() for k, v in run.model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_ddp_two_cpu_processes_end_identical(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned processes
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    argv = _argv(data, out, "--ckpt-every", "3", iters=3)
+    mp.start_processes(_ddp_worker, args=(port, argv, str(tmp_path)), nprocs=2, start_method="spawn")
+    p0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    p1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert p0.keys() == p1.keys()
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    torch.manual_seed(0)
+    init = _params(models.build("edsr-baseline", 2, op="adder"))
+    assert any(not torch.equal(p0[k], init[k]) for k in p0)
+    ckpt = train.load_checkpoint(out / "last.pt")
+    assert ckpt["iteration"] == 3 and ckpt["world_size"] == 2
+    assert all(torch.equal(ckpt["model"][k], p0[k]) for k in p0)
+    assert len([p for p in out.iterdir() if p.name.startswith("events.out")]) == 1
