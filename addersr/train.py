@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="vdsr, edsr-baseline or edsr (default edsr)")
     p.add_argument("--scale", type=int, default=None, help="2, 3 or 4 (default 4)")
     p.add_argument("--op", choices=["adder", "conv"], default=None, help="default adder")
+    p.add_argument("--arch", nargs="+", default=None, metavar="KEY=VALUE", type=_arch_item,
+                   help="architecture overrides passed to addersr.models.build, e.g. "
+                        "n_blocks=4 n_feats=32 (recorded in the exported weights)")
     p.add_argument("--data-root", default=None,
                    help="folder whose sub-folders are the training sets (default $ADDERSR_DATA/train)")
     p.add_argument("--train-sets", nargs="+", default=None, help="default T91 BSD200")
@@ -102,12 +105,24 @@ def parse_args(argv=None):
     return args
 
 
+def _arch_item(text):
+    """``KEY=VALUE`` with an int or float value."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, (int(value) if value.lstrip("-").isdigit() else float(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value must be a number") from None
+
+
 def _config(args):
     """Fill the options left out with the recipe of ``args.model``."""
     cfg = {k: v for k, v in vars(args).items() if k not in ("parser", "resume")}
     cfg["model"] = cfg["model"] or "edsr"
     cfg["scale"] = 4 if cfg["scale"] is None else cfg["scale"]
     cfg["op"] = cfg["op"] or "adder"
+    cfg["arch"] = dict(cfg["arch"] or [])
     recipe = {**COMMON, **RECIPES.get(cfg["model"], {})}
     for key, value in recipe.items():
         if cfg.get(key) is None:
@@ -413,10 +428,9 @@ class _Run:
         meta = {"iterations": self.iteration, "train_sets": list(self.cfg["train_sets"]),
                 "patch": self.cfg["patch"], "batch": self.cfg["batch"], "processes": self.world,
                 "lr": self.cfg["lr"], "eta": self.cfg["eta"], "seed": self.cfg["seed"],
-                "val_psnr": self.last_val["psnr"] if self.last_val else None,
-                "val_ssim": self.last_val["ssim"] if self.last_val else None,
-                "val_iteration": self.last_val["iteration"] if self.last_val else None,
                 "seconds": round(self.seconds, 1), "device": _device_name(self.device)}
+        if self.last_val:  # the last validation, keyed by the validation set's folder name
+            meta["metrics"] = {self.val_folder.name: {k: self.last_val[k] for k in ("psnr", "ssim", "iteration")}}
         self.model.eval()
         written = models.save(self.model, path, meta)
         print(f"exported weights to {' and '.join(map(str, written))}", file=sys.stderr)
@@ -449,7 +463,7 @@ def main(argv=None):
     from . import models
     torch.manual_seed(cfg["seed"])
     try:
-        model = models.build(cfg["model"], cfg["scale"], op=cfg["op"])
+        model = models.build(cfg["model"], cfg["scale"], op=cfg["op"], **cfg["arch"])
     except (ValueError, KeyError) as err:
         error(str(err))
     cfg["data_root"] = str(_data_root(cfg, error))

@@ -223,8 +223,28 @@ def test_validation_best_checkpoint_and_export(data, tmp_path, capsys):
         assert torch.equal(loaded.state_dict()[k], v.cpu())
     # the recorded PSNR is that of the exported weights under the evaluation protocol
     result = evaluate(loaded, data / "val", 4, device="cpu", progress=False)
-    assert meta["val_psnr"] == pytest.approx(result["psnr"], abs=1e-9)
-    assert meta["val_ssim"] == pytest.approx(result["ssim"], abs=1e-9)
+    recorded = meta["metrics"]["val"]
+    assert recorded["psnr"] == pytest.approx(result["psnr"], abs=1e-9)
+    assert recorded["ssim"] == pytest.approx(result["ssim"], abs=1e-9)
+    assert recorded["iteration"] == 4
+
+
+def test_arch_overrides_reach_the_model_and_the_exported_weights(data, tmp_path):
+    export = tmp_path / "small"
+    run = train.main(_argv(data, tmp_path, "--arch", "n_blocks=2", "n_feats=8", "res_scale=0.5",
+                           "--export", str(export), iters=1))
+    assert len(run.model.body) == 3 and run.model.head.out_channels == 8
+    loaded = models.load(export)
+    assert loaded.config == {"name": "edsr-baseline", "scale": 2, "op": "adder",
+                             "n_blocks": 2, "n_feats": 8, "res_scale": 0.5}
+    assert loaded.body[0].res_scale == 0.5
+
+
+@pytest.mark.parametrize("arch", ["n_blocks", "n_blocks=two"])
+def test_arch_needs_numeric_key_value(data, tmp_path, capsys, arch):
+    with pytest.raises(SystemExit) as exc:
+        train.main(_argv(data, tmp_path, "--arch", arch))
+    assert exc.value.code == 2 and "--arch" in capsys.readouterr().err
 
 
 def test_amp_runs_for_conv(data, tmp_path):
@@ -244,6 +264,7 @@ def test_amp_runs_for_conv(data, tmp_path):
     ({"extra": ["--patch", "0"]}, "--patch must be positive"),
     ({"extra": ["--resume"]}, "cannot resume"),
     ({"root": "nowhere"}, "does not exist"),
+    ({"extra": ["--arch", "n_blocks=3"]}, "unknown argument(s) ['n_blocks']"),
 ])
 def test_bad_arguments(data, tmp_path, capsys, change, message):
     argv = _argv(data, tmp_path, model=change.get("model", "vdsr"), scale=change.get("scale", 2))
