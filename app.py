@@ -53,14 +53,12 @@ def _refuse(message):
 
 
 def _set5_psnr(meta):
-    """Set5 PSNR recorded in a weights JSON: ``metrics.Set5.psnr`` or ``set5_psnr``; else None."""
+    """Set5 PSNR recorded in a weights JSON (``metrics.Set5.psnr``, as training exports it); else None."""
     metrics = meta.get("metrics")
     if isinstance(metrics, dict):
         for key, value in metrics.items():
             if key.lower() == "set5" and isinstance(value, dict) and "psnr" in value:
                 return float(value["psnr"])
-    if "set5_psnr" in meta:
-        return float(meta["set5_psnr"])
     return None
 
 
