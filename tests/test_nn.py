@@ -2,7 +2,6 @@
 
 import math
 
-import numba
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,17 +92,6 @@ def test_rescale_adder_grads_equals_hooks():
     rescale_adder_grads(model, eta=0.2)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, hooked[name])
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny layers are dominated by thread wake-ups on a busy machine: run them on one thread."""
-    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(torch_threads)
-    numba.set_num_threads(numba_threads)
 
 
 def test_tiny_adder_network_learns(one_thread):

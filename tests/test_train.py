@@ -16,16 +16,7 @@ from addersr.data import imresize
 from addersr.data.patches import PatchBatches, augment, load_training_images, make_lr_images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny training steps run several times faster on one thread on a shared machine."""
-    import numba
-    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: thread wake-ups dominate
 
 
 @pytest.fixture(scope="module")
