@@ -8,16 +8,22 @@ the time taken, the output size, the additions and multiplications the network s
 its estimated energy next to its twin's (AdderSR <-> CNN, 45 nm figures of
 ``addersr.energy``). The models offered are the weights in ``--weights-dir``, else
 $ADDERSR_WEIGHTS, else the weights shipped in ``weights/``; with none there the page still
-opens and says so. Large images go through exact tiled inference; outputs above
-``MAX_OUTPUT_PIXELS`` are refused with a clear message.
+opens and says so. A model whose recorded Set5 PSNR is within ``PREVIEW_MARGIN_DB`` of
+bicubic's is marked as a preview. Uploads are checked as soon as they arrive; outputs above
+``MAX_OUTPUT_PIXELS`` and tiles below ``MIN_TILE`` are refused with a clear message; large
+images go through exact tiled inference, and a request whose client disconnects stops at
+its next tile. ``python app.py`` keeps uploads and results in one temporary folder, removed
+when it exits (Ctrl-C or SIGTERM).
 
 API: the endpoint ``/upscale`` takes ``(image, weights, tile)``; only the image is
 required. Its first output is the upscaled PNG.
 """
 
 import argparse
+import functools
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -33,12 +39,16 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from addersr import models  # noqa: E402
-from addersr.data import imresize, read_image  # noqa: E402
+from addersr.data import imresize  # noqa: E402
 from addersr.energy import count_ops  # noqa: E402
-from addersr.upscale import ImageTooLarge, image_size, load_image, save_png, upscale  # noqa: E402
+from addersr.eval import evaluate  # noqa: E402
+from addersr.images import (ImageError, ImageTooLarge, check_size, image_size,  # noqa: E402
+                            load_image, read_image, save_png)
+from addersr.inference import MIN_TILE, check_tile, upscale  # noqa: E402
 
 MAX_OUTPUT_PIXELS = 4096 * 4096  # largest output accepted: 16.8 megapixels
 TILE = 256  # inputs wider or taller than this many pixels are upscaled in exact tiles
+PREVIEW_MARGIN_DB = 1.0  # a model less than this much above bicubic on Set5 is a preview
 MAX_UPLOAD = "64mb"
 QUEUE_SIZE = 64  # requests that may wait in the queue
 KEEP_RESULTS_S = 3600  # results and uploads older than this are deleted
@@ -62,13 +72,42 @@ def _set5_psnr(meta):
     return None
 
 
+@functools.cache
+def bicubic_set5(scale):
+    """Set5 PSNR of bicubic interpolation at ``scale`` (the bench protocol, shipped Set5)."""
+    return evaluate("bicubic", ASSETS, scale, progress=False)["psnr"]
+
+
+def is_preview(meta):
+    """True when the weights' recorded Set5 PSNR is less than PREVIEW_MARGIN_DB above bicubic."""
+    psnr = _set5_psnr(meta)
+    return psnr is not None and psnr - bicubic_set5(int(meta["scale"])) < PREVIEW_MARGIN_DB
+
+
 def weights_label(name, meta):
-    """Dropdown label: ``edsr-baseline x2 · AdderSR · Set5 37.10 dB (name)``."""
+    """Dropdown label: ``edsr-baseline x2 · AdderSR · Set5 37.10 dB (name)``, with
+    ``· preview`` for a preview model."""
     label = f"{meta['model']} x{meta['scale']} · {OP_NAMES.get(meta['op'], meta['op'])}"
     psnr = _set5_psnr(meta)
     if psnr is not None:
-        label += f" · Set5 {psnr:.2f} dB"
+        label += f" · Set5 {psnr:.2f} dB" + (" · preview" if is_preview(meta) else "")
     return f"{label} ({name})"
+
+
+def quality_note(meta):
+    """A sentence for the page on what quality to expect from these weights."""
+    psnr = _set5_psnr(meta)
+    if psnr is None:
+        return "No quality score is recorded for this model."
+    scale = int(meta["scale"])
+    gain = psnr - bicubic_set5(scale)
+    scores = (f"on the Set5 test pictures at x{scale} it scores {psnr:.2f} dB, {gain:+.2f} dB "
+              f"compared with ordinary bicubic enlargement ({bicubic_set5(scale):.2f} dB; higher "
+              "is better)")
+    if gain < PREVIEW_MARGIN_DB:
+        return (f"⚠️ **Preview model, at about bicubic quality**: {scores}. Expect results "
+                "close to an ordinary enlargement.")
+    return f"Quality: {scores}."
 
 
 def _count(n):
@@ -114,15 +153,28 @@ def example_images(folder):
     return paths
 
 
+def _client_gone():
+    """True when the request being served has lost its client (tab closed, connection
+    dropped, job cancelled); False outside the server (a direct call)."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    if blocks is None or event_id is None:
+        return False
+    event = blocks._queue.event_ids_to_events.get(event_id)
+    return event is None or not event.alive
+
+
 class Upscaler:
     """The demo's work, independent of any web server: ``Upscaler(dir)(path) -> outputs``.
 
     ``weights_dir``: folder of ``NAME.safetensors`` + ``NAME.json`` (default: see
     :func:`addersr.models.weights_dir`). ``device``: "auto" (GPU when present), "cpu", ...
+    ``temp_dir``: where its folder of results and examples is made (default: the system's).
     Loaded models and operation counts are cached.
     """
 
-    def __init__(self, weights_dir=None, device="auto"):
+    def __init__(self, weights_dir=None, device="auto", temp_dir=None):
         import torch
 
         self.weights_dir = Path(weights_dir) if weights_dir else models.weights_dir()
@@ -130,7 +182,7 @@ class Upscaler:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = str(torch.device(device))
         self.weights = {path.stem: meta for path, meta in models.list_weights(self.weights_dir)}
-        self.scratch = Path(tempfile.mkdtemp(prefix="addersr-app-"))  # results/, examples/
+        self.scratch = Path(tempfile.mkdtemp(prefix="addersr-app-", dir=temp_dir))
         weakref.finalize(self, shutil.rmtree, self.scratch, True)
         self.results = self.scratch / "results"
         self.results.mkdir()
@@ -149,6 +201,16 @@ class Upscaler:
     def default(self, scale=None):
         choices = self.choices(scale)
         return choices[0][1] if choices else None
+
+    def limit(self):
+        """The output limit in words, with the largest input for each scale offered."""
+        sides = ", ".join(f"{int(MAX_OUTPUT_PIXELS ** 0.5) // s}x{int(MAX_OUTPUT_PIXELS ** 0.5) // s}"
+                          f" at x{s}" for s in self.scales() or [1])
+        return f"the limit is {MAX_OUTPUT_PIXELS / 1e6:.1f} megapixels of output ({sides})"
+
+    def note(self, name):
+        """The quality sentence for the weights ``name`` ("" when there are none)."""
+        return quality_note(self.weights[name]) if name in self.weights else ""
 
     def no_weights_message(self):
         return (f"No model weights found in `{self.weights_dir}`. Train one with "
@@ -190,13 +252,13 @@ class Upscaler:
                 shutil.rmtree(old, ignore_errors=True)
         return Path(tempfile.mkdtemp(dir=self.results))
 
-    # ---- the handler
-    def __call__(self, image, weights=None, tile=0, progress=gr.Progress()):
-        """Upscale the image file ``image`` with ``weights`` (a name; None: the default).
+    # ---- the handlers
+    def check(self, image, weights=None, tile=0):
+        """Validate a request without running it (the image's header only).
 
-        ``tile``: 0 picks tiles of TILE pixels for large inputs, N > 0 forces tiles of N.
-        Returns ``(upscaled_png, (bicubic_png, upscaled_png), stats_markdown)``; raises
-        ``gr.Error`` for a missing, unreadable or too large image or unknown weights.
+        Returns ``(path, name, scale, (w, h), tile)``, ``tile`` being the tile size to use
+        (None: the whole image at once). Raises ``gr.Error`` for a missing, unreadable or
+        too large image, unknown weights or a bad tile size.
         """
         if not self.weights:
             raise _refuse(self.no_weights_message())
@@ -205,29 +267,38 @@ class Upscaler:
         name = weights or self.default()
         if name not in self.weights:
             raise _refuse(f"Unknown weights {name!r}; available: {', '.join(self.weights)}.")
-        if tile is None or int(tile) < 0:
-            raise _refuse("Tile size must be 0 (automatic) or a positive number of pixels.")
-        path, scale = Path(image), int(self.weights[name]["scale"])
-        side = int(MAX_OUTPUT_PIXELS ** 0.5) // scale
-        limit = (f"the limit is {MAX_OUTPUT_PIXELS / 1e6:.1f} megapixels of output "
-                 f"(e.g. {side}x{side} at x{scale})")
         try:
-            w, h = image_size(path)
-        except ImageTooLarge:
-            raise _refuse(f"{path.name} is far too large; {limit}.") from None
-        except (FileNotFoundError, ValueError):
+            check_tile(0 if tile is None else int(tile))
+        except ValueError as err:
+            raise _refuse(f"Tile size (pieces): {err}; 0 chooses automatically.") from None
+        path, scale = Path(image), int(self.weights[name]["scale"])
+        try:
+            size = check_size(path, scale, MAX_OUTPUT_PIXELS)
+        except ImageTooLarge as err:
+            raise _refuse(f"{path.name} is too large: {err.reason}; {self.limit()}.") from None
+        except (FileNotFoundError, ImageError):
             raise _refuse(f"{path.name} is not an image this app can read (PNG, JPEG, WebP, "
                           "BMP or TIFF).") from None
-        if w * h * scale * scale > MAX_OUTPUT_PIXELS:
-            raise _refuse(f"{w}x{h} at x{scale} would give a {w * scale}x{h * scale} image; "
-                          f"{limit}.")
+        tile = int(tile or 0) or (TILE if max(size) > TILE else None)
+        return path, name, scale, size, tile
+
+    def __call__(self, image, weights=None, tile=0, progress=gr.Progress()):
+        """Upscale the image file ``image`` with ``weights`` (a name; None: the default).
+
+        ``tile``: 0 picks tiles of TILE pixels for large inputs, N >= MIN_TILE forces tiles
+        of N. Returns ``(upscaled_png, (bicubic_png, upscaled_png), stats_markdown)``;
+        raises ``gr.Error`` for a bad request (see :meth:`check`) and when the client has
+        gone (the work stops at the next tile).
+        """
+        path, name, scale, _, tile = self.check(image, weights, tile)
         try:
             lr = load_image(path)
-        except (FileNotFoundError, ValueError) as err:
-            raise _refuse(f"Could not read {path.name}: {err}") from None
-        tile = int(tile) or (TILE if max(w, h) > TILE else None)
+        except ImageError as err:
+            raise _refuse(f"{path.name} could not be read: {err.reason}.") from None
 
         def report(done, total):
+            if _client_gone():
+                raise _refuse("Cancelled: the client disconnected.")
             progress((done, total), desc="Upscaling tiles", unit="tiles")
 
         model = self.model(name)
@@ -268,21 +339,24 @@ class Upscaler:
         return "\n".join(lines)
 
 
-def _refuse_unreadable(component):
-    """Wrap ``component.preprocess`` so that an upload Pillow cannot open raises a clear
-    ``gr.Error`` instead of an internal error. (An instance attribute, not a subclass:
-    Gradio writes a ``.pyi`` file beside the source of every Component subclass.)"""
+def _check_uploads(component, up):
+    """Wrap ``component.preprocess`` so that an upload that is not an image, or far too
+    large to decode, is refused with a clear ``gr.Error`` (read by :mod:`addersr.images`)
+    before Gradio opens it. (An instance attribute, not a subclass: Gradio writes a
+    ``.pyi`` file beside the source of every Component subclass.)"""
     original = component.preprocess
 
     def preprocess(payload):
-        try:
-            return original(payload)
-        except gr.Error:
-            raise
-        except Exception:
-            name = getattr(payload, "orig_name", None) or "the upload"
-            raise _refuse(f"{name} is not an image this app can read (PNG, JPEG, WebP, BMP "
-                          "or TIFF).") from None
+        if payload is not None and payload.path:
+            name = payload.orig_name or "the upload"
+            try:
+                image_size(payload.path)
+            except ImageTooLarge as err:
+                raise _refuse(f"{name} is too large ({err.reason}); {up.limit()}.") from None
+            except (FileNotFoundError, ImageError):
+                raise _refuse(f"{name} is not an image this app can read (PNG, JPEG, WebP, "
+                              "BMP or TIFF).") from None
+        return original(payload)
 
     component.preprocess = preprocess
     return component
@@ -290,53 +364,78 @@ def _refuse_unreadable(component):
 
 INTRO = """# AdderSR: super-resolution without multiplications
 The hidden layers of these networks compute **negative L1 distances** (AdderNet) instead of
-convolutions: additions replace the multiplications. Drop an image, pick a model and
-compare the result with bicubic interpolation on the slider.
+convolutions: additions replace the multiplications. Drop a picture, press **Upscale** and
+compare the network's enlargement with an ordinary (bicubic) one on the slider.
 
-PNG, JPEG, WebP, BMP or TIFF; gray, RGBA and 16-bit images keep their mode. Outputs are
-limited to **{mp:.1f} megapixels** (e.g. {side}x{side} at x4); inputs larger than
-{tile} px on a side are processed in exact tiles."""
+PNG, JPEG, WebP, BMP or TIFF; gray, transparent and 16-bit pictures keep their kind. For
+the enlarged picture {limit}; pictures larger than {tile} pixels on a side are processed
+in pieces, with the same result."""
+
+SLIDER_LABEL = ("Left: ordinary enlargement (bicubic) · Right: AdderSR network · "
+                "drag the bar to compare")
 
 
-def build_demo(weights_dir=None, device="auto", concurrency=1):
-    """The Gradio Blocks app (queued; ``concurrency`` requests run at once)."""
-    up = Upscaler(weights_dir, device)
+def build_demo(weights_dir=None, device="auto", concurrency=1, temp_dir=None):
+    """The Gradio Blocks app (queued; ``concurrency`` requests run at once). ``temp_dir``:
+    where the :class:`Upscaler` makes its folder (default: the system's temporary folder)."""
+    up = Upscaler(weights_dir, device, temp_dir)
     scales = up.scales()
+    first = scales[0] if scales else None
     with gr.Blocks(title="AdderSR", analytics_enabled=False,
                    delete_cache=(KEEP_RESULTS_S, KEEP_RESULTS_S)) as demo:
-        gr.Markdown(INTRO.format(mp=MAX_OUTPUT_PIXELS / 1e6, tile=TILE,
-                                 side=int(MAX_OUTPUT_PIXELS ** 0.5) // 4))
+        gr.Markdown(INTRO.format(limit=up.limit(), tile=TILE))
         if not up.weights:
             gr.Markdown(f"⚠️ {up.no_weights_message()}", elem_id="no-weights")
         with gr.Row():
             with gr.Column(scale=2):
-                image = _refuse_unreadable(gr.Image(
-                    label="Low-resolution image", type="filepath", image_mode=None,
-                    sources=["upload", "clipboard"], format="png", elem_id="input-image"))
-                scale = gr.Radio([str(s) for s in scales], value=str(scales[0]) if scales else None,
-                                 label="Scale", elem_id="scale")
-                weights = gr.Dropdown(up.choices(scales[0] if scales else None),
-                                      value=up.default(scales[0] if scales else None),
-                                      label="Model (weights)", elem_id="weights")
-                with gr.Accordion("Tiling", open=False):
-                    tile = gr.Number(0, precision=0, minimum=0, label="Tile size in input pixels",
-                                     info=f"0: automatic (tiles of {TILE} px for larger inputs). "
-                                          "Tiling is exact: the result does not change.")
-                run = gr.Button("Upscale", variant="primary", elem_id="upscale-button")
+                image = _check_uploads(gr.Image(
+                    label="Picture to enlarge", type="filepath", image_mode=None,
+                    sources=["upload", "clipboard"], format="png", elem_id="input-image"), up)
+                scale = gr.Radio([(f"x{s}", str(s)) for s in scales],
+                                 value=str(first) if scales else None,
+                                 label="Enlargement (times wider and taller)",
+                                 visible=len(scales) > 1, elem_id="scale")
+                weights = gr.Dropdown(up.choices(first), value=up.default(first),
+                                      label="Model", elem_id="weights")
+                note = gr.Markdown(up.note(up.default(first)), elem_id="model-note")
+                with gr.Accordion("Advanced: process in pieces", open=False):
+                    tile = gr.Number(0, precision=0, minimum=0,
+                                     label="Piece size, in pixels of your picture",
+                                     info=f"0: automatic (pieces of {TILE} pixels for larger "
+                                          f"pictures). At least {MIN_TILE}. The result is "
+                                          "the same; smaller pieces need less memory.")
+                run = gr.Button("Upscale", variant="primary", interactive=False,
+                                elem_id="upscale-button")
                 examples = example_images(up.scratch / "examples")
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[image],
                                 label=f"Set5, reduced {EXAMPLE_REDUCTION}x", cache_examples=False)
             with gr.Column(scale=3):
-                slider = gr.ImageSlider(label="Bicubic vs. model", type="filepath",
-                                        format="png", elem_id="comparison")
+                slider = gr.ImageSlider(label=SLIDER_LABEL, type="filepath", format="png",
+                                        interactive=False, elem_id="comparison")
                 stats = gr.Markdown(label="Statistics", elem_id="stats")
-                result = gr.Image(label="Upscaled image", type="filepath",
-                                  format="png", interactive=False, elem_id="result")
+                result = gr.File(label="Download the enlarged picture (PNG)",
+                                 interactive=False, elem_id="result")
+
+        def ready(path, name):
+            """The Upscale button, usable once the picture suits the model (errors shown now;
+            the tile size is checked when the button is pressed)."""
+            if path is not None:
+                up.check(path, name)
+            return gr.Button(interactive=path is not None)
+
+        for event in (image.change, weights.change):  # disable at once, enable if valid
+            event(lambda: gr.Button(interactive=False), None, run, queue=False,
+                  api_visibility="private").then(  # queued (errors are shown), never waits
+                ready, [image, weights], run, concurrency_limit=None, api_visibility="private")
         scale.change(lambda s: gr.Dropdown(choices=up.choices(s), value=up.default(s)),
                      inputs=scale, outputs=weights, api_visibility="private")
-        run.click(up, inputs=[image, weights, tile], outputs=[result, slider, stats],
-                  api_name="upscale")
+        weights.change(up.note, weights, note, queue=False, api_visibility="private")
+        run.click(lambda: gr.Button(interactive=False), None, run, queue=False,
+                  api_visibility="private").then(
+            up, inputs=[image, weights, tile], outputs=[result, slider, stats],
+            api_name="upscale").then(
+            ready, [image, weights], run, concurrency_limit=None, api_visibility="private")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=concurrency)
     demo.upscaler = up  # the handler, for callers that want it without a server
     return demo
@@ -362,13 +461,26 @@ def main(argv=None):
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link "
                                                         "(needs the internet)")
     args = p.parse_args(argv)
-    demo = build_demo(args.weights_dir, args.device, args.concurrency)
-    up = demo.upscaler
-    if up.default():  # load the default model while the server starts
-        threading.Thread(target=up.model, args=(up.default(),), daemon=True).start()
-    else:
-        print(up.no_weights_message())
-    launch(demo, args.host, args.port, args.share)
+    # One temporary folder for everything this server writes: Gradio's uploads and copies
+    # of results (unless GRADIO_TEMP_DIR is set) and the upscaler's results and examples.
+    temp = tempfile.mkdtemp(prefix="addersr-app-")
+    os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(temp, "gradio"))
+    signal.signal(signal.SIGTERM, _stop)  # Ctrl-C's way out, so that the folder goes too
+    try:
+        demo = build_demo(args.weights_dir, args.device, args.concurrency, temp_dir=temp)
+        up = demo.upscaler
+        if up.default():  # load the default model while the server starts
+            threading.Thread(target=up.model, args=(up.default(),), daemon=True).start()
+        else:
+            print(up.no_weights_message())
+        launch(demo, args.host, args.port, args.share)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop(signum, frame):
+    """SIGTERM: stop as Ctrl-C does (the server closes, then the temporary folder goes)."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

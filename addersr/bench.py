@@ -24,12 +24,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import dataset_root, find_datasets
+from .data import dataset_root, find_datasets, list_images
 from .data.datasets import BENCHMARK_SETS
 from .eval import evaluate, load_images
+from .files import OutputError, atomic_write, prepare_output_dir
+from .inference import check_tile
 
-FIELDS = ("model", "op", "weights", "dataset", "scale", "images", "psnr", "ssim", "lpips",
-          "seconds_per_image", "params", "mults", "adds", "energy_mj")
+FIELDS = ("model", "op", "weights", "dataset", "scale", "images", "unreadable", "psnr", "ssim",
+          "lpips", "seconds_per_image", "params", "mults", "adds", "energy_mj")
 METHOD = {None: "-", "conv": "CNN", "adder": "AdderNet"}
 TABLE_SIZE = (720, 1280)  # output size for the table's operation and energy columns
 
@@ -127,9 +129,15 @@ def _jobs(args, parser, device):
     return jobs
 
 
-def markdown_table(results, datasets):
-    """The AdderSR-style table: rows scale x model x method, cells ``PSNR/SSIM``."""
-    cols = ["Scale", "Model", "Method", "Params", "#Mul (G)", "#Add (G)", "Energy (mJ)"] + datasets
+def markdown_table(results, datasets, incomplete=None):
+    """The AdderSR-style table: rows scale x model x method, cells ``PSNR/SSIM``.
+
+    ``incomplete``: ``{dataset: (unreadable file names, images in the set)}``; those sets'
+    columns are marked ``*`` and a note under the table names the files left out.
+    """
+    incomplete = incomplete or {}
+    cols = ["Scale", "Model", "Method", "Params", "#Mul (G)", "#Add (G)", "Energy (mJ)"]
+    cols += [f"{d}*" if d in incomplete else d for d in datasets]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     rows = {}
     for r in results:
@@ -149,7 +157,40 @@ def markdown_table(results, datasets):
                  "-" if costs["energy_mj"] is None else f"{costs['energy_mj']:.1f}"]
         cells += [row["cells"].get(d, "-") for d in datasets]
         lines.append("| " + " | ".join(cells) + " |")
+    for dataset, (names, total) in incomplete.items():
+        lines.append(f"\n{dataset}*: incomplete, {len(names)} of {total} images could not be "
+                     f"read and were left out ({', '.join(names)}).")
     return "\n".join(lines)
+
+
+def _read_set(dataset, folder, limit):
+    """``(images, unreadable file names, files tried)`` for the first ``limit`` images of a
+    set: a file that cannot be read is reported in a warning and left out."""
+    paths = list_images(folder)[:limit]
+    unreadable = []
+
+    def skip(err):
+        tqdm.write(f"warning: {err}; left out of {dataset}", file=sys.stderr)
+        unreadable.append(err.path.name)
+
+    try:
+        images = load_images(paths, on_error=skip)
+    except ValueError:  # "no images to evaluate": every file was unreadable
+        images = []
+    return images, unreadable, len(paths)
+
+
+def _write(path, text):
+    atomic_write(path, lambda f: f.write(text), "w", encoding="utf-8")
+
+
+def _write_csv(path, rows):
+    def write(f):
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(path, write, "w", newline="", encoding="utf-8")
 
 
 def _parser():
@@ -168,7 +209,8 @@ def _parser():
                    "(default: $ADDERSR_DATA/benchmark, else the shipped Set5)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
-    p.add_argument("--tile", type=int, help="tile size in LR pixels (exact tiling: overlap = receptive field)")
+    p.add_argument("--tile", type=int, help="tile size in LR pixels, at least 64 (exact tiling: "
+                   "overlap = receptive field)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--limit", type=int, help="only the first N images of each set (quick checks)")
     p.add_argument("--save-images", metavar="DIR", help="write SR images to DIR/<model>/<set>/x<scale>/")
@@ -181,8 +223,10 @@ def _parser():
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.tile is not None and args.tile < 1:
-        parser.error("--tile must be a positive number of pixels")
+    try:
+        check_tile(args.tile)
+    except ValueError as err:
+        parser.error(f"--tile: {err}")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be positive")
     try:
@@ -205,6 +249,20 @@ def main(argv=None):
         names = [d for d in BENCHMARK_SETS if d in found] or list(found)
     if not names:
         parser.error(f"no dataset folders with images in {root}")
+    for option, path in (("--json", args.json), ("--csv", args.csv), ("--md", args.md)):
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            parser.error(f"{option} {path} is a folder; name a file")
+        try:
+            prepare_output_dir(Path(path).parent)
+        except OutputError as err:
+            parser.error(f"{option}: {err}")
+    if args.save_images:
+        try:
+            prepare_output_dir(args.save_images)
+        except OutputError as err:
+            parser.error(f"--save-images: {err}")
     jobs = _jobs(args, parser, device)
     if args.model and args.model != "bicubic":
         for job in jobs:  # fail on an unsupported scale before any work
@@ -218,11 +276,16 @@ def main(argv=None):
     dev = device_name(device)
     print(f"device: {dev}\ndata root: {root}", file=sys.stderr)
     steps = sum(len(j.scales) for j in jobs) * len(names)
-    results = []
+    results, incomplete = [], {}
     table_costs = {}
     with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr) as bar:
         for dataset in names:
-            images = load_images(found[dataset])[: args.limit]
+            images, unreadable, files = _read_set(dataset, found[dataset], args.limit)
+            if unreadable:
+                incomplete[dataset] = (unreadable, files)
+            if not images:
+                bar.update(sum(len(j.scales) for j in jobs))
+                continue
             for order, job in enumerate(jobs):
                 for scale in job.scales:
                     network = job.network(scale)
@@ -237,13 +300,14 @@ def main(argv=None):
                         table_costs[(order, scale)] = _costs(network, TABLE_SIZE)
                     results.append({
                         "model": job.model, "op": job.op, "weights": job.weights, "dataset": dataset,
-                        "scale": scale, "images": res["images"], "psnr": res["psnr"], "ssim": res["ssim"],
+                        "scale": scale, "images": res["images"], "unreadable": len(unreadable),
+                        "psnr": res["psnr"], "ssim": res["ssim"],
                         "lpips": res["lpips"], "seconds_per_image": res["seconds_per_image"],
                         **_costs(network, (h, w)),
                         "_order": order, "_table_costs": table_costs[(order, scale)]})
                     bar.update()
 
-    table = markdown_table(results, names)
+    table = markdown_table(results, names, incomplete)
     public = [{k: r[k] for k in FIELDS} for r in results]
     size = f"{TABLE_SIZE[1]}x{TABLE_SIZE[0]}"
     report = (f"Device: {dev}. Data: {root}. PSNR (dB) / SSIM on Y, border = scale; "
@@ -251,15 +315,14 @@ def main(argv=None):
               f"Wall time {time.perf_counter() - started:.0f} s.\n\n{table}\n")
     print(report)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": dev, "results": public}, indent=2) + "\n")
+        unread = {d: files for d, (files, _) in incomplete.items()}
+        _write(args.json, json.dumps({"device": dev, "results": public, "unreadable": unread},
+                                     indent=2) + "\n")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(public)
+        _write_csv(args.csv, public)
     if args.md:
         command = "python -m addersr.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-        Path(args.md).write_text(f"# Benchmark\n\n`{command}`\n\n{report}")
+        _write(args.md, f"# Benchmark\n\n`{command}`\n\n{report}")
     return public
 
 

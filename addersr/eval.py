@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from . import metrics
 from .data import imresize, list_images, read_image
+from .images import ImageError, save_png
 
 __all__ = ["crop_to_scale", "evaluate", "load_images", "make_pair", "super_resolve", "to_uint8"]
 
@@ -125,18 +125,27 @@ def super_resolve(model, lr, scale, tile=None, self_ensemble=False):
     return to_uint8(y)
 
 
-def load_images(images_or_folder):
+def load_images(images_or_folder, on_error=None):
     """``[(name, uint8 image)]`` from a folder, or from a list of paths, arrays or
-    ``(name, array)`` pairs."""
+    ``(name, array)`` pairs.
+
+    ``on_error(err)``: called with the :class:`~addersr.images.ImageError` of each file
+    that cannot be read, which is then left out; without it the error is raised.
+    """
+    sources = images_or_folder
     if isinstance(images_or_folder, (str, Path)):
-        paths = list_images(images_or_folder)
-        if not paths:
+        sources = list_images(images_or_folder)
+        if not sources:
             raise FileNotFoundError(f"no images in {images_or_folder}")
-        return [(p.stem, read_image(p)) for p in paths]
     items = []
-    for i, item in enumerate(images_or_folder):
+    for i, item in enumerate(sources):
         if isinstance(item, (str, Path)):
-            items.append((Path(item).stem, read_image(item)))
+            try:
+                items.append((Path(item).stem, read_image(item)))
+            except ImageError as err:
+                if on_error is None:
+                    raise
+                on_error(err)
         elif isinstance(item, tuple) and len(item) == 2:
             items.append((str(item[0]), _check_image(item[1])))
         else:
@@ -199,7 +208,7 @@ def evaluate(model, images_or_folder, scale, device=None, tile=None, self_ensemb
             per_image.append(row)
             sizes.append(hr.shape[:2])
             if save_dir is not None:
-                Image.fromarray(sr).save(save_dir / f"{name}.png")
+                save_png(sr, save_dir / f"{name}.png")
     finally:
         if was_training:
             model.train()

@@ -20,8 +20,13 @@ from .models.trace import eval_mode, receptive_radius, trace
 
 # Upper bound on the activations of one tile (bytes) when the tile size is automatic.
 TILE_BUDGET_BYTES = 2 * 2**30
-# Live tensors assumed at the peak of a forward pass (input, output, a held skip).
-_LIVE_TENSORS = 3
+# Smallest tile a user may ask for (LR pixels). Each tile is run with the model's receptive
+# radius of context on every side (8 to 69 LR pixels for the registry's networks): below
+# this, the context would cost many times the tile itself.
+MIN_TILE = 64
+# Tensors of the largest activation's size alive at the peak of a forward pass: measured
+# (peak resident memory on the CPU) up to 7 for the adder VDSR, 4 for the adder EDSR-baseline.
+_LIVE_TENSORS = 8
 
 
 def _report(progress, done, total):
@@ -49,11 +54,15 @@ def _scale(model):
     return scale
 
 
-def _tiles(model, lr, tile, overlap, progress):
-    """Yield ``((Y0, Y1, X0, X1), sr_core)`` for each tile, in HR pixel coordinates."""
+def _tiles(model, size, crop, tile, overlap, progress):
+    """Yield ``((Y0, Y1, X0, X1), sr_core)`` for each tile, in HR pixel coordinates.
+
+    ``size``: the LR ``(h, w)``; ``crop(a0, a1, b0, b1)``: the model's input for LR rows
+    ``a0:a1`` and columns ``b0:b1`` (a core and its context), made only when needed.
+    """
     s = _scale(model)
     th, tw = _pair(tile)
-    h, w = lr.shape[-2:]
+    h, w = size
     grid = [(y, min(y + th, h), x, min(x + tw, w)) for y in range(0, h, th) for x in range(0, w, tw)]
     if overlap is None:
         overlap = receptive_radius(model) if len(grid) > 1 else 0
@@ -62,10 +71,20 @@ def _tiles(model, lr, tile, overlap, progress):
     for i, (y0, y1, x0, x1) in enumerate(grid):
         a0, a1 = max(0, y0 - overlap), min(h, y1 + overlap)
         b0, b1 = max(0, x0 - overlap), min(w, x1 + overlap)
-        sr = model(lr[..., a0:a1, b0:b1])
+        sr = model(crop(a0, a1, b0, b1))
         core = sr[..., (y0 - a0) * s:(y1 - a0) * s, (x0 - b0) * s:(x1 - b0) * s]
         yield (y0 * s, y1 * s, x0 * s, x1 * s), core
         _report(progress, i + 1, len(grid))
+
+
+def check_tile(tile):
+    """Refuse a tile size asked for by a user unless it is None, 0 or at least MIN_TILE.
+
+    (What 0 means is up to the tool.) Raises ValueError with a one-line message.
+    """
+    if tile is not None and tile != 0 and not (isinstance(tile, int) and tile >= MIN_TILE):
+        raise ValueError(f"tiles must be at least {MIN_TILE} pixels (smaller ones spend most "
+                         f"of their time on the context around them), got {tile}")
 
 
 def _check_batch(lr):
@@ -87,7 +106,9 @@ def forward_tiled(model, lr, tile, overlap=None, progress=None):
     s = _scale(model)
     out = None
     with torch.no_grad(), eval_mode(model):
-        for (y0, y1, x0, x1), core in _tiles(model, lr, tile, overlap, progress):
+        tiles = _tiles(model, lr.shape[-2:], lambda a0, a1, b0, b1: lr[..., a0:a1, b0:b1],
+                       tile, overlap, progress)
+        for (y0, y1, x0, x1), core in tiles:
             if out is None:
                 out = core.new_empty(*core.shape[:-2], lr.shape[-2] * s, lr.shape[-1] * s)
             out[..., y0:y1, x0:x1] = core
@@ -98,7 +119,7 @@ def auto_tile(model, lr_size, overlap=None, budget=None):
     """The LR tile size :func:`upscale` uses for an image of ``lr_size=(h, w)``.
 
     None when the whole image fits ``budget`` bytes of activations; else the largest
-    multiple of 16 whose padded tile fits (at least 16); ``budget`` defaults to
+    multiple of 16 whose padded tile fits (at least MIN_TILE); ``budget`` defaults to
     ``TILE_BUDGET_BYTES`` (2 GiB). The estimate is the largest
     activation of the model per LR pixel (from a run on a 4 x 4 input) times the padded
     tile's pixels, float32, times the tensors alive at the peak.
@@ -114,12 +135,15 @@ def auto_tile(model, lr_size, overlap=None, budget=None):
     if overlap is None:
         overlap = receptive_radius(model)
     side = math.isqrt(int(budget / bytes_per_pixel)) - 2 * overlap
-    return max(16, side // 16 * 16)
+    return max(MIN_TILE, side // 16 * 16)
 
 
 # ----------------------------------------------------------------------------- images
 
 _CONVERT_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX")
+# LR pixels of context for enlarging an alpha channel tile by tile: MATLAB's bicubic
+# kernel reaches 2 input pixels from an output pixel's centre, so the result is exact.
+_ALPHA_MARGIN = 4
 
 
 def _from_pil(image):
@@ -186,6 +210,7 @@ def upscale(image, model, tile=None, overlap=None, progress=None, device=None):
 
 
 def _upscale_array(array, model, tile, overlap, progress, device):
+    """The work of :func:`upscale` on an array; only one tile at a time is in floating point."""
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 2, 3, 4)):
         raise ValueError(f"expected an HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {array.shape}")
     if min(array.shape[:2]) < 1:
@@ -196,32 +221,36 @@ def _upscale_array(array, model, tile, overlap, progress, device):
         model.to(device)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    channels = 1 if array.ndim == 2 else array.shape[2]
-    work = np.float64 if dtype == torch.float64 else np.float32
-    x = torch.from_numpy(np.array(array, dtype=work)).to(device=device, dtype=dtype) / maxv
-    x = x.reshape(*array.shape[:2], channels).permute(2, 0, 1)[None]
-    color = x[:, :3] if channels >= 3 else x[:, :1].expand(-1, 3, -1, -1)
-    alpha = x[:, channels - 1:] if channels in (2, 4) else None
-
     h, w = array.shape[:2]
-    out = np.empty((h * s, w * s, channels), dtype=array.dtype)
-    color_channels = 3 if channels >= 3 else 1
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    image = array.reshape(h, w, channels)
+    colors = 3 if channels >= 3 else 1
+    work = np.float64 if dtype == torch.float64 else np.float32
 
-    def store(region, values):
-        y0, y1, x0, x1 = region
+    def crop(a0, a1, b0, b1):  # an LR region, as the model's RGB input in [0, 1]
+        region = np.array(image[a0:a1, b0:b1, :colors], dtype=work)
+        x = torch.from_numpy(region).to(device=device, dtype=dtype).div_(maxv).permute(2, 0, 1)
+        return x[None].expand(-1, 3, -1, -1) if colors == 1 else x[None]
+
+    def quantise(values):  # a float tensor, clamped to [0, 1] and rounded in place -> numpy
+        values = values.clamp_(0, 1)
         if maxv != 1.0:
-            values = torch.floor(values.clamp(0, 1) * maxv + 0.5)
-        else:
-            values = values.clamp(0, 1)
-        out[y0:y1, x0:x1, :values.shape[1]] = values[0].permute(1, 2, 0).cpu().numpy()
+            values = values.mul_(maxv).add_(0.5).floor_()
+        return values.cpu().numpy()
 
+    out = np.empty((h * s, w * s, channels), dtype=array.dtype)
     if tile is None:
         tile = auto_tile(model, (h, w), overlap) or (h, w)
     with torch.no_grad(), eval_mode(model):
-        for region, core in _tiles(model, color, tile, overlap, progress):
-            store(region, core if color_channels == 3 else core.mean(1, keepdim=True))
-        if alpha is not None:
-            a = imresize(alpha, s)
-            out_alpha = torch.floor(a.clamp(0, 1) * maxv + 0.5) if maxv != 1.0 else a.clamp(0, 1)
-            out[..., -1] = out_alpha[0, 0].cpu().numpy()
+        for (y0, y1, x0, x1), core in _tiles(model, (h, w), crop, tile, overlap, progress):
+            if colors == 1:
+                core = core.mean(1, keepdim=True)
+            out[y0:y1, x0:x1, :colors] = quantise(core[0].permute(1, 2, 0))
+            if channels in (2, 4):  # alpha: MATLAB bicubic on the same core plus a margin
+                a0, a1, b0, b1 = y0 // s, y1 // s, x0 // s, x1 // s
+                m0, m1 = max(0, a0 - _ALPHA_MARGIN), min(h, a1 + _ALPHA_MARGIN)
+                n0, n1 = max(0, b0 - _ALPHA_MARGIN), min(w, b1 + _ALPHA_MARGIN)
+                alpha = imresize(image[m0:m1, n0:n1, -1].astype(np.float64) / maxv, s)
+                out[y0:y1, x0:x1, -1] = quantise(torch.from_numpy(
+                    alpha[(a0 - m0) * s:(a1 - m0) * s, (b0 - n0) * s:(b1 - n0) * s]))
     return out.reshape(h * s, w * s) if array.ndim == 2 else out

@@ -2,9 +2,14 @@
 
 import importlib.util
 import os
+import shutil
+import signal
 import socket
 import struct
+import subprocess
 import sys
+import time
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -19,7 +24,7 @@ import gradio as gr  # noqa: E402
 from addersr import models  # noqa: E402
 from addersr.data import imresize  # noqa: E402
 from addersr.energy import count_ops  # noqa: E402
-from addersr.upscale import load_image, save_png  # noqa: E402
+from addersr.images import load_image, save_png  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,8 +194,58 @@ def test_bad_requests(tmp_path, upscaler):
         upscaler(None, "vdsr_x2_adder", 0, progress=Recorder())
     with pytest.raises(gr.Error, match="Unknown weights"):
         upscaler(str(tmp_path / "full.jpg"), "nope", 0, progress=Recorder())
-    with pytest.raises(gr.Error, match="Tile"):
-        upscaler(str(tmp_path / "full.jpg"), "vdsr_x2_adder", -3, progress=Recorder())
+    for tile in (-3, 1, app.MIN_TILE - 1):  # tile 1: minutes of work for a 64x64 image
+        with pytest.raises(gr.Error, match=f"Tile size.*at least {app.MIN_TILE} pixels"):
+            upscaler(str(tmp_path / "full.jpg"), "vdsr_x2_adder", tile, progress=Recorder())
+
+
+def test_unreadable_image_message_shows_no_folders(tmp_path, upscaler):
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # header intact, data cut
+    with pytest.raises(gr.Error) as exc:
+        upscaler(str(tmp_path / "cut.png"), "vdsr_x2_adder", 0, progress=Recorder())
+    assert "cut.png could not be read" in exc.value.message
+    assert str(tmp_path) not in exc.value.message and "/" not in exc.value.message
+
+
+def test_quality_note_and_preview_label(tmp_path):
+    """A model scoring less than PREVIEW_MARGIN_DB above bicubic on Set5 (from its JSON) is
+    labelled a preview; the sentence gives both scores."""
+    bicubic = app.bicubic_set5(2)
+    assert bicubic == pytest.approx(33.66, abs=0.02)  # the published bicubic x2 Set5 PSNR
+    for stem, gain in (("close", 0.08), ("good", 3.0)):
+        model = models.build("vdsr", 2, op="adder", depth=3, n_feats=8)
+        models.save(model, tmp_path / stem, {"metrics": {"Set5": {"psnr": bicubic + gain}}})
+    models.save(models.build("vdsr", 2, op="conv", depth=3, n_feats=8), tmp_path / "none")
+    up = app.Upscaler(tmp_path, device="cpu")
+    labels = {name: label for label, name in up.choices()}
+    assert labels["close"].endswith("· preview (close)") and "preview" not in labels["good"]
+    assert "Preview model, at about bicubic quality" in up.note("close")
+    assert f"{bicubic + 0.08:.2f} dB, +0.08 dB" in up.note("close")
+    assert f"({bicubic:.2f} dB" in up.note("close")
+    assert up.note("good").startswith("Quality:") and "+3.00 dB" in up.note("good")
+    assert up.note("none") == "No quality score is recorded for this model."
+
+
+def _component(config, elem_id):
+    return next(c["props"] for c in config["components"] if c["props"].get("elem_id") == elem_id)
+
+
+def test_page_offers_the_scales_of_the_weights(tmp_path, weights_dir):
+    """One scale: no scale control, limits given for x2 only; two: both offered."""
+    config = app.build_demo(weights_dir=weights_dir, device="cpu").get_config_file()
+    assert _component(config, "scale")["visible"] is False
+    text = str(config)
+    assert "2048x2048 at x2" in text and "x4" not in text
+    for name in ("edsr-baseline_x2_adder", "vdsr_x2_adder"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(weights_dir / (name + suffix), tmp_path / (name + suffix))
+    models.save(models.build("vdsr", 3, op="adder", depth=3, n_feats=8), tmp_path / "vdsr_x3")
+    config = app.build_demo(weights_dir=tmp_path, device="cpu").get_config_file()
+    scale = _component(config, "scale")
+    assert scale["visible"] is not False and [c[0] for c in scale["choices"]] == ["x2", "x3"]
+    assert "2048x2048 at x2, 1365x1365 at x3" in str(config)
 
 
 def test_without_weights_the_app_still_builds(tmp_path):
@@ -241,6 +296,41 @@ def test_api_endpoint(served, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"garbage bytes")
     with pytest.raises(AppError, match="not an image"):
         client.predict(handle_file(str(tmp_path / "bad.png")), api_name="/upscale")
+    with pytest.raises(AppError, match=f"at least {app.MIN_TILE} pixels"):
+        client.predict(handle_file(str(tmp_path / "in.png")), tile=1, api_name="/upscale")
+
+
+def _png_gray(width, height):
+    """A valid all-black 8-bit gray PNG of any size, compressed row by row (small file)."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    packer, row = zlib.compressobj(9), b"\0" * (width + 1)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_api_messages_name_the_problem(served, tmp_path):
+    """A truncated upload: its name, not the server's folders; a valid 20000x20000 PNG: too
+    large, not unreadable."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(served, verbose=False, download_files=str(tmp_path / "dl"))
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+        tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AppError) as exc:
+        client.predict(handle_file(str(tmp_path / "cut.png")), api_name="/upscale")
+    message = str(exc.value)
+    assert "cut.png could not be read" in message and "/" not in message, message
+    (tmp_path / "huge.png").write_bytes(_png_gray(20000, 20000))
+    with pytest.raises(AppError) as exc:
+        client.predict(handle_file(str(tmp_path / "huge.png")), api_name="/upscale")
+    message = str(exc.value)
+    assert "huge.png is too large" in message and "megapixels" in message, message
 
 
 def test_concurrent_requests(served, tmp_path):
@@ -251,3 +341,83 @@ def test_concurrent_requests(served, tmp_path):
     report = load.fire(served, tmp_path / "small.png", requests=20)
     assert report["ok"] == 20 and report["failed"] == []
     assert all(size == (32, 32) for size in report["sizes"])
+
+
+def test_disconnected_client_stops_the_work(weights_dir, tmp_path):
+    """A client killed mid-request: the server stops at the next tile and serves the next
+    request at once (a 64x64 image in tiles of 1 once held the app for minutes)."""
+    from gradio_client import Client, handle_file
+
+    demo = app.build_demo(weights_dir=weights_dir, device="cpu")
+    port = free_port()
+    app.launch(demo, port=port, block=False)
+    url, name = f"http://127.0.0.1:{port}/", "edsr-baseline_x2_conv"
+    try:
+        model = demo.upscaler.model(name)
+        calls, forward = [], model.forward
+
+        def slow_forward(x):  # 0.25 s per tile: 30 tiles take 7.5 s
+            calls.append(time.monotonic())
+            time.sleep(0.25)
+            return forward(x)
+
+        model.forward = slow_forward
+        Image.fromarray(np.random.default_rng(6).integers(0, 256, (320, 384, 3), np.uint8)).save(
+            tmp_path / "big.png")
+        client = subprocess.Popen([sys.executable, "-c", (
+            "from gradio_client import Client, handle_file\n"
+            f"Client({url!r}, verbose=False, download_files={str(tmp_path / 'dl')!r}).predict("
+            f"handle_file({str(tmp_path / 'big.png')!r}), {name!r}, 64, api_name='/upscale')")])
+        deadline = time.monotonic() + 120
+        while len(calls) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(calls) >= 4, "the request never started"
+        client.kill()
+        client.wait()
+        killed = time.monotonic()
+        time.sleep(4)
+        assert len([t for t in calls if t > killed]) <= 1  # at most the tile under way
+        model.forward = forward
+        Image.new("RGB", (16, 16)).save(tmp_path / "small.png")
+        start = time.monotonic()
+        Client(url, verbose=False, download_files=str(tmp_path / "dl")).predict(
+            handle_file(str(tmp_path / "small.png")), name, 0, api_name="/upscale")
+        assert time.monotonic() - start < 30
+    finally:
+        demo.close()
+
+
+def test_sigterm_removes_the_temporary_folder(weights_dir, tmp_path):
+    """``python app.py`` stopped with SIGTERM deletes its uploads and results."""
+    from gradio_client import Client, handle_file
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    env.update(TMPDIR=str(temp), PYTHONWARNINGS="ignore")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port),
+                               "--weights-dir", str(weights_dir), "--device", "cpu"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.5)
+        Image.new("RGB", (12, 10), (9, 99, 199)).save(tmp_path / "in.png")
+        Client(url, verbose=False, download_files=str(tmp_path / "dl")).predict(
+            handle_file(str(tmp_path / "in.png")), api_name="/upscale")
+        written = [p for p in temp.rglob("*") if p.is_file()]
+        assert any(p.name == "in.png" for p in written)  # the upload
+        assert any(p.name.startswith("in_x2") for p in written)  # the results
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        assert [p for p in temp.rglob("*") if p.is_file() or "addersr" in p.name] == []
+    finally:
+        if server.poll() is None:
+            server.kill()

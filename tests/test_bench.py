@@ -100,9 +100,45 @@ def test_bad_options(tiny_root, capsys):
              (["--data-root", str(tiny_root / "missing"), "--model", "bicubic"], "not found"),
              (["--data-root", root, "--model", "srcnn"], "unknown --model"),
              (["--data-root", root, "--weights", str(tiny_root / "none")], "not found"),
-             (["--data-root", root, "--model", "bicubic", "--tile", "0"], "--tile")]
+             (["--data-root", root, "--model", "bicubic", "--tile", "8"], "at least 64"),
+             (["--data-root", root, "--model", "bicubic", "--json", str(tiny_root)], "is a folder"),
+             (["--data-root", root, "--model", "bicubic", "--csv",
+               str(tiny_root / "Tiny" / "bird.png" / "sub" / "r.csv")], "cannot create the folder")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:
             bench.main(argv)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_unreadable_image_is_left_out_and_results_kept(tmp_path, tiny_root, capsys):
+    """A truncated PNG in a later set: a one-line warning, the set marked incomplete in the
+    table, and the JSON/CSV/markdown of everything computed still written."""
+    broken, bad = tiny_root / "Broken", tiny_root / "AllBad"
+    broken.mkdir()
+    bad.mkdir()
+    (tiny_root / "Tiny" / "head.png").replace(broken / "head.png")
+    data = (tiny_root / "Tiny" / "bird.png").read_bytes()
+    (broken / "cut.png").write_bytes(data[: len(data) // 2])
+    (bad / "cut.png").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "results"
+    rows = bench.main(["--model", "bicubic", "--scales", "2", "--data-root", str(tiny_root),
+                       "--datasets", "Tiny", "Broken", "AllBad", "--no-lpips",
+                       "--json", str(out / "r.json"), "--csv", str(out / "r.csv"),
+                       "--md", str(out / "r.md")])
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "warning" in line]
+    assert len(warnings) == 2 and "Traceback" not in captured.err
+    assert "cut.png" in warnings[0] and "left out of Broken" in warnings[0]
+    assert [(r["dataset"], r["images"], r["unreadable"]) for r in rows] == [
+        ("Tiny", 1, 0), ("Broken", 1, 1)]
+    data = json.loads((out / "r.json").read_text())
+    assert [r["dataset"] for r in data["results"]] == ["Tiny", "Broken"]
+    assert data["unreadable"] == {"Broken": ["cut.png"], "AllBad": ["cut.png"]}
+    with open(out / "r.csv") as f:
+        assert [r["unreadable"] for r in csv.DictReader(f)] == ["0", "1"]
+    for text in (captured.out, (out / "r.md").read_text()):
+        assert "| Tiny | Broken* | AllBad* |" in text
+        assert "Broken*: incomplete, 1 of 2 images could not be read" in text
+        assert "AllBad*: incomplete, 1 of 1 images" in text
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temp files

@@ -7,6 +7,7 @@ written to a temporary folder; with ADDERSR_SCREENSHOT=1 it is also written to
 """
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def served(tmp_path):
     from addersr import models
 
     screenshot = bool(os.environ.get("ADDERSR_SCREENSHOT"))
-    weights = None if screenshot and models.list_weights() else make_weights(tmp_path / "w", metrics=False)
+    weights = None if screenshot and models.list_weights() else make_weights(tmp_path / "w")
     demo = app.build_demo(weights_dir=weights, device="cpu")
     port = free_port()
     app.launch(demo, port=port, block=False)
@@ -84,3 +85,66 @@ def test_upload_upscale_compare(served, tmp_path):
     with Image.open(tmp_path / "fetched.png") as shown:
         assert shown.size == (128 * scale, 128 * scale)
         assert np.asarray(shown).std() > 0  # a real picture, not a blank
+
+
+def test_page_checks_uploads_labels_and_busy_button(served, tmp_path):
+    """The page fixes: no one-choice scale control, limits for the shipped scales, labelled
+    slider halves, a preview model said to be one, a non-image refused on upload, the
+    button off while a request runs, and the result shown once (plus a download)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, upscaler = served
+    name = upscaler.default()
+    scale = int(upscaler.weights[name]["scale"])
+    model = upscaler.model(name)
+    forward = model.forward
+
+    def slow_forward(x):  # time to see the button while the request runs
+        time.sleep(2)
+        return forward(x)
+
+    model.forward = slow_forward
+    (tmp_path / "notes.png").write_bytes(b"my shopping list, not a picture")
+    Image.new("RGB", (40, 30), (50, 100, 150)).save(tmp_path / "ok.png")
+    button = "document.querySelector('#upscale-button').disabled"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            page.wait_for_selector("#upscale-button", timeout=60_000)
+            text = page.inner_text("body")
+            assert page.is_disabled("#upscale-button")  # nothing to upscale yet
+            assert not page.locator("#scale").is_visible()  # one scale: nothing to choose
+            assert f"at x{scale})" in text and "x4" not in text
+            slider = page.inner_text("#comparison")
+            assert "Left: ordinary enlargement (bicubic)" in slider and "Right: AdderSR" in slider
+            note = page.inner_text("#model-note")
+            if app.is_preview(upscaler.weights[name]):  # the shipped model's own note
+                assert "Preview model, at about bicubic quality" in note
+            else:
+                assert note.startswith("Quality:") and "Preview" not in note
+
+            page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "notes.png"))
+            page.wait_for_selector("text=notes.png is not an image this app can read",
+                                   timeout=30_000)  # refused before Upscale is pressed
+            assert page.is_disabled("#upscale-button")
+
+            page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "ok.png"))
+            page.wait_for_function(f"() => !{button}", timeout=30_000)
+            page.click("#upscale-button")
+            page.wait_for_function(f"() => {button}", timeout=10_000)  # off while it runs
+            page.wait_for_function(
+                """() => [...document.querySelectorAll('#comparison img')]
+                         .filter(i => i.complete && i.naturalWidth > 0).length >= 2""",
+                timeout=120_000)
+            page.wait_for_function(f"() => !{button}", timeout=30_000)  # on again
+            shown = page.eval_on_selector_all(
+                "img", f"els => els.filter(e => e.naturalWidth == {40 * scale}).length")
+            label = page.inner_text("#result")
+            links = page.eval_on_selector_all("#result a",
+                                              "els => els.map(e => decodeURIComponent(e.href))")
+        finally:
+            browser.close()
+            model.forward = forward
+    assert shown == 2  # bicubic and the result, both in the slider; no second copy
+    assert "Download" in label and any(u.endswith(f"ok_x{scale}_{name}.png") for u in links), links

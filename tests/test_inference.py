@@ -1,5 +1,7 @@
 """Exact tiled inference and the image formats of ``upscale``."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -132,13 +134,52 @@ def test_tiled_upscale_matches_whole(model):
 
 def test_automatic_tiling_is_used_for_large_images(model, monkeypatch):
     monkeypatch.setattr(inference, "TILE_BUDGET_BYTES", 200_000)
-    arr = _rgb(40, 36, seed=4)
+    arr = _rgb(80, 72, seed=4)
     seen = []
     tiled = upscale(arr, model, progress=lambda d, t: seen.append(t))
     assert seen and seen[0] > 1
     monkeypatch.undo()
     diff = np.abs(upscale(arr, model).astype(int) - tiled.astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+
+
+def test_check_tile_floor():
+    for ok in (None, 0, inference.MIN_TILE, 500):
+        inference.check_tile(ok)
+    for bad in (1, inference.MIN_TILE - 1, -3):
+        with pytest.raises(ValueError, match=f"at least {inference.MIN_TILE} pixels"):
+            inference.check_tile(bad)
+
+
+def _rss(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                    reason="needs Linux's resettable peak RSS (/proc/self/clear_refs)")
+def test_memory_is_the_output_plus_one_tile():
+    """Only one tile at a time is in floating point: upscaling a 2048x2048 image in tiles
+    of 128 raises the peak resident memory by little more than the uint8 output (a float
+    copy of the whole input would add 4 bytes per input value, twice the output's size)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.PixelShuffle(2))
+    model.scale = 2
+    arr = _rgb(2048, 2048, seed=6)
+    upscale(arr[:200, :200], model, tile=128)  # warm-up: thread pools, allocator
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident size
+    before = _rss("VmRSS")
+    out = upscale(arr, model, tile=128)
+    growth = _rss("VmHWM") - before
+    assert growth < 1.75 * out.nbytes, (growth / 2**20, out.nbytes / 2**20)
+
+
+def test_rgba_tiled_equals_whole(model):
+    rgba = np.dstack([_rgb(70, 75, seed=7), np.random.default_rng(8).integers(0, 256, (70, 75))])
+    rgba = rgba.astype(np.uint8)
+    whole, tiled = upscale(rgba, model), upscale(rgba, model, tile=64)
+    np.testing.assert_array_equal(whole[..., 3], tiled[..., 3])
+    assert np.abs(whole.astype(int) - tiled.astype(int)).max() <= 1
 
 
 def test_grayscale(model):

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from addersr import models, train
+from addersr.nn import Adder2d, PowerActivation
 from addersr.data import imresize
 from addersr.data.patches import PatchBatches, augment, load_training_images, make_lr_images
 
@@ -312,3 +313,189 @@ def test_ddp_two_cpu_processes_end_identical(data, tmp_path, monkeypatch):
     assert ckpt["iteration"] == 3 and ckpt["world_size"] == 2
     assert all(torch.equal(ckpt["model"][k], p0[k]) for k in p0)
     assert len([p for p in out.iterdir() if p.name.startswith("events.out")]) == 1
+
+
+# --- recipe options, distillation, time limit, --init (issues 11, 12, 14) -------------------
+
+def test_lr_factor_warmup_cosine_and_step():
+    cfg = dict(warmup=4, lr_schedule="cosine", iters=20, lr_step=5, lr_gamma=0.5)
+    assert [train.lr_factor(cfg, i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train.lr_factor(cfg, 10) == pytest.approx(0.5)
+    assert train.lr_factor(cfg, 20) == pytest.approx(0.0, abs=1e-12)
+    cfg.update(warmup=0, lr_schedule="step")
+    assert [train.lr_factor(cfg, i) for i in (0, 4, 5, 12)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_adder_options_reach_model_and_optimizer(data, tmp_path):
+    torch.manual_seed(0)
+    fresh = models.build("edsr-baseline", 2, op="adder", n_blocks=1, n_feats=8)
+    torch.manual_seed(0)
+    run = train.main(_argv(data, tmp_path, "--arch", "n_blocks=1", "n_feats=8", "--adder-lr", "7",
+                           "--adder-init", "0.1", "--bn-momentum", "0.3", "--power-init", "0.8",
+                           "--power-learn", "no", "--lr", "1e-3", "--iters", "1"))
+    groups = {g["name"]: g for g in run.optimizer.param_groups}
+    assert groups["adder"]["base_lr"] == pytest.approx(7e-3) and groups["other"]["base_lr"] == pytest.approx(1e-3)
+    adder_ids = {id(w) for w in groups["adder"]["params"]}
+    assert adder_ids == {id(m.weight) for m in run.model.modules() if isinstance(m, Adder2d)}
+    alphas = [m.alpha for m in run.model.modules() if isinstance(m, PowerActivation)]
+    assert alphas and all(a.item() == pytest.approx(0.8) and not a.requires_grad for a in alphas)
+    assert all(m.momentum == 0.3 for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # the adder weights started at 0.1 x AdderNet's N(0, 1) draw and moved by about one Adam step
+    start = {k: v for k, v in fresh.state_dict().items() if k.endswith("adder.weight")}
+    now = run.model.state_dict()
+    for k, w0 in start.items():
+        assert (now[k] - 0.1 * w0).abs().max().item() < 1.5 * 7e-3
+
+
+def test_conv_runs_ignore_adder_options_and_record_the_recipe(data, tmp_path):
+    run = train.main(_argv(data, tmp_path / "c", "--adder-lr", "9", "--export", str(tmp_path / "c.w"), op="conv", iters=1))
+    assert len(run.optimizer.param_groups) == 1
+    recipe = models.load(tmp_path / "c.w").meta["recipe"]
+    assert "adder_lr" not in recipe and recipe["eta"] == 0 and recipe["batch"] == 2
+    run = train.main(_argv(data, tmp_path / "a", "--export", str(tmp_path / "a.w"), iters=1))
+    recipe = models.load(tmp_path / "a.w").meta["recipe"]
+    assert {k: recipe[k] for k in train.ADDER_RECIPE} == train.ADDER_RECIPE
+
+
+def test_teacher_distillation_changes_training_and_checks_the_teacher(data, tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    train.main(_argv(data, tmp_path / "t", "--arch", "n_blocks=1", "n_feats=8", "--export", str(teacher),
+                     op="conv", iters=2))
+    small = ["--arch", "n_blocks=1", "n_feats=8", "--iters", "2"]
+    plain = _params(train.main(_argv(data, tmp_path / "p", *small)).model)
+    out = _params(train.main(_argv(data, tmp_path / "d", *small, "--teacher", str(teacher), "--distill", "5")).model)
+    both = train.main(_argv(data, tmp_path / "f", *small, "--teacher", str(teacher), "--distill-features", "2"))
+    feat = _params(both.model)
+    assert max((plain[k] - out[k]).abs().max().item() for k in plain) > 1e-6
+    assert max((out[k] - feat[k]).abs().max().item() for k in out) > 1e-6
+    with pytest.raises(SystemExit) as exc:  # 2 blocks of 16 against the teacher's 1 of 8
+        train.main(_argv(data, tmp_path / "x", "--arch", "n_blocks=2", "n_feats=16", "--teacher", str(teacher),
+                         "--distill-features", "1"))
+    assert exc.value.code == 2 and "--distill-features" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        train.main(_argv(data, tmp_path / "y", *small, "--teacher", str(teacher), scale=3))
+    assert exc.value.code == 2 and "is for x2, the model for x3" in capsys.readouterr().err
+
+
+def test_time_limit_stops_checkpoints_exports_and_resumes(data, tmp_path, monkeypatch, capsys):
+    clock = [1000.0]
+
+    def fake_monotonic():
+        clock[0] += 10.0  # ten seconds per call: the 0.5-minute limit passes during training
+        return clock[0]
+
+    monkeypatch.setattr(train.time, "monotonic", fake_monotonic)
+    export = tmp_path / "w"
+    run = train.main(_argv(data, tmp_path / "run", "--time-limit", "0.5", "--export", str(export),
+                           "--val-every", "1000", "--val-data", str(data / "val"), op="conv", iters=50))
+    assert run.stopped_early and 0 < run.iteration < 50 and run.iteration % train.LOG_EVERY == 0
+    assert "time limit reached" in capsys.readouterr().err
+    assert train.load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == run.iteration
+    meta = models.load(export).meta
+    assert meta["iterations"] == run.iteration and meta["metrics"]["val"]["iteration"] == run.iteration
+    monkeypatch.undo()
+    resumed = train.main(_argv(data, tmp_path / "run", "--resume", op="conv", iters=50))
+    assert resumed.iteration == 50 and not resumed.stopped_early
+
+
+def test_init_continues_step_count_recipe_and_architecture(data, tmp_path, capsys):
+    first = tmp_path / "first"
+    train.main(_argv(data, tmp_path / "a", "--arch", "n_blocks=1", "n_feats=8", "--lr", "3e-4",
+                     "--lr-schedule", "cosine", "--export", str(first), iters=4))
+    run = train.main(_argv(data, tmp_path / "b", "--init", str(first), "--export", str(tmp_path / "second"),
+                           iters=8))
+    assert "continuing at iteration 4" in capsys.readouterr().err
+    assert run.iteration == 8 and run.model.config["n_feats"] == 8  # architecture from the JSON
+    assert run.cfg["lr"] == 3e-4 and run.cfg["lr_schedule"] == "cosine"  # the recorded recipe
+    last = train.lr_factor(run.cfg, 7) * 3e-4
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(last)
+    meta = models.load(tmp_path / "second").meta
+    assert meta["iterations"] == 8 and meta["parent"]["iterations"] == 4 and meta["parent"]["continued"]
+
+
+def test_init_at_another_scale_loads_the_body_and_starts_anew(data, tmp_path, capsys):
+    x2 = tmp_path / "x2"
+    parent = train.main(_argv(data, tmp_path / "a", "--arch", "n_blocks=1", "n_feats=8", "--export", str(x2),
+                              iters=2)).model.state_dict()
+    run = train.main(_argv(data, tmp_path / "b", "--init", str(x2), "--export", str(tmp_path / "x3"),
+                           "--lr", "1e-12", scale=3, iters=1))
+    err = capsys.readouterr().err
+    assert "a new run" in err and "not loaded: tail.0.0" in err
+    assert run.iteration == 1 and run.model.scale == 3 and run.model.config["n_blocks"] == 1
+    meta = models.load(tmp_path / "x3").meta
+    assert meta["parent"]["scale"] == 2 and not meta["parent"]["continued"]
+    assert meta["parent"]["loaded"] < meta["parent"]["of"]
+    own = run.model.state_dict()
+    assert torch.allclose(own["head.weight"], parent["head.weight"], atol=1e-9)  # loaded, barely moved
+    assert own["tail.0.0.weight"].shape != parent["tail.0.0.weight"].shape
+
+
+def test_cuda_device_without_index_and_nccl_under_torchrun(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    rank, world, device = train._setup_distributed(torch.device("cuda"))
+    assert (rank, world, device) == (0, 1, torch.device("cuda", 0))
+    assert calls == [("set_device", torch.device("cuda", 0))]
+    calls.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    rank, world, device = train._setup_distributed(torch.device("cuda"))
+    assert (rank, world, device) == (1, 2, torch.device("cuda", 1))
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
+
+
+def test_cuda_default_device_when_available(data, tmp_path, monkeypatch):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_setup(device):
+        seen.append(device)
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(train, "_setup_distributed", fake_setup)
+    argv = _argv(data, tmp_path)
+    argv = argv[:argv.index("--device")]
+    for given in ([], ["--device", "cuda"], ["--device", "cuda:0"]):
+        with pytest.raises(Stop):
+            train.main(argv + given)
+    assert [d.type for d in seen] == ["cuda"] * 3
+
+
+@pytest.mark.parametrize("content, word", [(b"PK\x03\x04 truncated zip", "truncated"),
+                                           (os.urandom(4096), "truncated")])
+def test_resume_from_corrupt_checkpoint_is_a_clear_error(data, tmp_path, capsys, content, word):
+    (tmp_path / "last.pt").write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        train.main(_argv(data, tmp_path, "--resume"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "cannot resume" in err and word in err
+    assert "weights_only" not in err and "Traceback" not in err
+
+
+def test_truncated_real_checkpoint_is_a_clear_error(data, tmp_path, capsys):
+    train.main(_argv(data, tmp_path, op="conv", iters=1))
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:ckpt.stat().st_size // 2])
+    with pytest.raises(SystemExit) as exc:
+        train.main(_argv(data, tmp_path, "--resume", op="conv", iters=2))
+    assert exc.value.code == 2 and "truncated or not an addersr training checkpoint" in capsys.readouterr().err
+
+
+def test_unknown_model_without_recipe_options_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--model", "resnet50", "--out", str(tmp_path), "--device", "cpu"])
+    assert exc.value.code == 2 and "unknown model 'resnet50'" in capsys.readouterr().err
+
+
+def test_init_and_resume_together_are_refused(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(_argv(data, tmp_path, "--resume", "--init", "x"))
+    assert exc.value.code == 2 and "use one" in capsys.readouterr().err

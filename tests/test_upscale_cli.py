@@ -1,6 +1,8 @@
 """``python -m addersr.upscale`` and its image reading/writing (16-bit PNG and TIFF)."""
 
+import errno
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -15,7 +17,8 @@ import torch
 from PIL import Image
 
 from addersr import models
-from addersr.upscale import load_image, main, output_name, save_png
+from addersr.images import load_image, save_png
+from addersr.upscale import main, output_name
 
 
 def _png16(array, filters, height=None):
@@ -269,14 +272,130 @@ def test_cli_never_overwrites_inputs(tmp_path, tiny_weights, capsys):
 
 
 def test_cli_tiled_equals_whole(tmp_path, tiny_weights):
-    img = np.random.default_rng(5).integers(0, 256, (19, 23, 3), dtype=np.uint8)
+    img = np.random.default_rng(5).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / "x.png")
-    for tile, out in ((0, "whole"), (8, "tiled")):
+    for tile, out in ((0, "whole"), (64, "tiled")):
         assert main([str(tmp_path / "x.png"), "-o", str(tmp_path / out), "--tile", str(tile),
                      "--weights", str(tiny_weights), "--device", "cpu"]) == 0
     whole = np.asarray(Image.open(tmp_path / "whole" / "x_x2.png"))
     tiled = np.asarray(Image.open(tmp_path / "tiled" / "x_x2.png"))
     np.testing.assert_array_equal(whole, tiled)
+
+
+def test_cli_shows_progress_per_tile(tmp_path, tiny_weights, capsys):
+    Image.new("RGB", (130, 129), (30, 60, 90)).save(tmp_path / "big.png")
+    assert main([str(tmp_path / "big.png"), "-o", str(tmp_path / "o"), "--tile", "64",
+                 "--weights", str(tiny_weights), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    bars = [line for line in err.split("\r") if line.startswith("big.png")]
+    assert any(" 9/9 [" in bar and "tile/s" in bar for bar in bars), bars  # 3 x 3 tiles
+    assert any(re.search(r" 1/9 \[\d+:\d+<\d+:\d+", bar) for bar in bars), bars  # time left
+
+
+def _one_line_error(err, *words):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], err
+
+
+def test_cli_refuses_tiles_below_the_floor(tmp_path, tiny_weights, capsys):
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    for tile in ("1", "63", "-2"):
+        assert main([str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--tile", tile,
+                     "--weights", str(tiny_weights), "--device", "cpu"]) == 2
+        _one_line_error(capsys.readouterr().err, "--tile", "at least 64")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_max_pixels(tmp_path, tiny_weights, capsys):
+    Image.new("RGB", (20, 15)).save(tmp_path / "x.png")  # 40 x 30 = 1200 output pixels
+    args = [str(tmp_path / "x.png"), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights),
+            "--device", "cpu"]
+    assert main(args + ["--max-pixels", "1000"]) == 1
+    err = capsys.readouterr().err
+    assert "x.png: 20x15 at x2 would give a 40x30 image" in err and "--max-pixels" in err
+    assert not (tmp_path / "o" / "x_x2.png").exists()
+    assert main(args + ["--max-pixels", "1.2e3"]) == 0
+    assert (tmp_path / "o" / "x_x2.png").is_file()
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--max-pixels", "lots"])
+    assert exc.value.code == 2 and "positive number of pixels" in capsys.readouterr().err
+
+
+@pytest.fixture
+def unwritable(monkeypatch):
+    """Make files impossible to create in a folder, as a read-only folder does (simulated at
+    ``os.open``: chmod does not stop root)."""
+    folders = []
+    real_open = os.open
+
+    def fake_open(path, flags, *args, **kwargs):
+        if Path(path).parent in folders and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    return folders
+
+
+def test_cli_checks_the_output_folder_before_any_work(tmp_path, tiny_weights, capsys,
+                                                      monkeypatch, unwritable):
+    Image.new("RGB", (6, 5)).save(tmp_path / "in.png")
+    (tmp_path / "file.txt").write_text("not a folder")
+    ran = []
+    monkeypatch.setattr("addersr.upscale.upscale", lambda *a, **k: ran.append(a))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    unwritable.append(locked)
+    cases = [(tmp_path / "file.txt", "exists and is not a folder"),  # was FileExistsError
+             (tmp_path / "file.txt" / "sub", "cannot create the folder"),  # was OSError
+             (locked, "cannot write in")]
+    for out, message in cases:
+        assert main([str(tmp_path / "in.png"), "-o", str(out), "--weights", str(tiny_weights),
+                     "--device", "cpu"]) == 2
+        _one_line_error(capsys.readouterr().err, message, str(out))
+    assert ran == [] and list(locked.iterdir()) == []
+
+
+def test_cli_full_disk_leaves_no_partial_file(tmp_path, tiny_weights, capsys, monkeypatch):
+    """A write that fails half-way (a full disk) leaves the previous file intact and no
+    temporary file behind, and stops the batch: no later file could be written either."""
+    for name in ("a", "b"):
+        save_png(_random16((6, 7, 3), 11), tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_x2.png").write_bytes(b"previous result")
+
+    def full_disk(self, f, rows):
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)  # some bytes reach the disk, then:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(png.Writer, "write_packed", full_disk)
+    status = main([str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o", str(out),
+                   "--weights", str(tiny_weights), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "cannot write" in err and "No space left on device" in err and "stopping" in err
+    assert "Traceback" not in err and "2 failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_x2.png"]  # no b_x2.png, no temp file
+    assert (out / "a_x2.png").read_bytes() == b"previous result"
+
+
+def test_save_png_is_atomic(tmp_path, monkeypatch):
+    """Interrupted while writing (Ctrl-C here), save_png leaves the old file as it was."""
+    target = tmp_path / "x.png"
+    save_png(np.zeros((4, 4, 3), np.uint8), target)
+    before = target.read_bytes()
+
+    def interrupted(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_png(np.ones((4, 4, 3), np.uint8), target)
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
 def test_cli_bad_arguments(tmp_path, tiny_weights, capsys):

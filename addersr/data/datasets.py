@@ -1,4 +1,4 @@
-"""Benchmark image folders: reading images and finding the data.
+"""Benchmark image folders: finding the data (images are read by :mod:`addersr.images`).
 
 A dataset root is a folder whose sub-folders are datasets of HR images in any format
 Pillow reads (``<root>/Set5/*.png``, ``<root>/MySet/*.jpg``, ...). The root comes from an
@@ -9,46 +9,14 @@ package, so the tools run out of the box.
 import os
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from ..images import read_image
 
 __all__ = ["BENCHMARK_SETS", "dataset_root", "find_datasets", "list_images", "read_image"]
 
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-
-
-def _to_uint8(img):
-    """A decoded Pillow image as uint8 numpy: HxW for gray modes, HxWx3 otherwise."""
-    mode = img.mode
-    if mode in ("L", "RGB"):
-        return np.asarray(img, dtype=np.uint8)
-    if mode in ("1", "LA", "La"):
-        return np.asarray(img.convert("L"), dtype=np.uint8)
-    if mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: 0..65535 -> 0..255
-        values = np.asarray(img).astype(np.float64)
-        return np.clip(np.floor(values / 257.0 + 0.5), 0, 255).astype(np.uint8)
-    if mode == "F":
-        raise ValueError("floating-point images (Pillow mode F) have no defined range")
-    # P, PA, RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV: colour; alpha is dropped.
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def read_image(path):
-    """Read an image file as uint8 numpy: ``HxWx3`` RGB, or ``HxW`` for grayscale files.
-
-    Palette, alpha (dropped), CMYK and 16-bit images are converted; raises
-    FileNotFoundError for a missing file and ValueError naming the file if it is unreadable.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_uint8(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
 
 
 def list_images(folder):

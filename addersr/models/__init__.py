@@ -14,11 +14,11 @@ after 16 blocks at initialisation; with 0.1 they stay ~1). Every model maps an R
 
 from .common import OPS, SCALES
 from .edsr import EDSR
-from .store import list_weights, load, save, weights_dir
+from .store import list_weights, load, read, save, weights_dir
 from .trace import receptive_radius
 from .vdsr import VDSR
 
-__all__ = ["MODELS", "OPS", "SCALES", "build", "list_weights", "load", "receptive_radius",
+__all__ = ["MODELS", "OPS", "SCALES", "build", "list_weights", "load", "read", "receptive_radius",
            "save", "weights_dir"]
 
 # name -> (class, default architecture arguments)

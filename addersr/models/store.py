@@ -13,9 +13,12 @@ import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-__all__ = ["FORMAT_VERSION", "list_weights", "load", "save", "weights_dir"]
+from ..files import atomic_write
+
+__all__ = ["FORMAT_VERSION", "list_weights", "load", "read", "save", "weights_dir"]
 
 FORMAT = "addersr"
 FORMAT_VERSION = 1
@@ -46,16 +49,6 @@ def _stem(path):
     return path.with_suffix("") if path.suffix in _SUFFIXES else path
 
 
-def _atomic_write(path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save(model, path, meta=None):
     """Write ``model``'s weights to ``PATH.safetensors`` and its description to ``PATH.json``.
 
@@ -84,8 +77,9 @@ def save(model, path, meta=None):
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     header = {"format": FORMAT, "model": info["model"], "scale": str(info["scale"]), "op": info["op"],
               "config": json.dumps(overrides, sort_keys=True)}
-    _atomic_write(st_path, lambda p: save_file(tensors, str(p), metadata=header))
-    _atomic_write(json_path, lambda p: p.write_text(text))
+    data = safetensors_bytes(tensors, metadata=header)
+    atomic_write(st_path, lambda f: f.write(data))
+    atomic_write(json_path, lambda f: f.write(text), mode="w")
     return st_path, json_path
 
 
@@ -114,13 +108,12 @@ def _resolve(path_or_name):
     return _stem(path_or_name), False
 
 
-def load(path_or_name, device="cpu", backend=None):
-    """Rebuild a model from ``NAME.json`` and load ``NAME.safetensors``; eval mode, on ``device``.
+def read(path_or_name):
+    """``(info, tensors)`` of weights on disk without building a model: the JSON as a dict
+    and the safetensors file as a dict of CPU tensors, checked to belong together.
 
-    ``path_or_name``: a path (with or without suffix) or a bare name of shipped weights
-    (see :func:`weights_dir`). The JSON is attached as ``model.meta``. ``backend`` picks
-    the adder kernel. Raises FileNotFoundError for a missing file and ValueError for a
-    truncated, unreadable or mismatched one, naming the file and the problem.
+    Raises FileNotFoundError for a missing file and ValueError for a truncated or
+    unreadable one, naming the file and the problem.
     """
     stem, bare = _resolve(path_or_name)
     st_path, json_path = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
@@ -137,10 +130,7 @@ def load(path_or_name, device="cpu", backend=None):
     config = info.get("config") or {}
     if not isinstance(config, dict):
         raise ValueError(f"{json_path}: \"config\" must be an object, got {config!r}")
-    try:
-        model = _build(info["model"], info["scale"], info["op"], backend, config)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{json_path} describes a model that cannot be built: {e}") from None
+    info["config"] = config
     try:
         with safe_open(str(st_path), "pt") as f:
             header = f.metadata() or {}
@@ -151,6 +141,25 @@ def load(path_or_name, device="cpu", backend=None):
         if key in header and header[key] != str(info[key]):
             raise ValueError(f"{st_path} holds {key}={header[key]!r} but {json_path} says "
                              f"{info[key]!r}: the two files do not belong together")
+    info["path"] = str(stem)
+    return info, tensors
+
+
+def load(path_or_name, device="cpu", backend=None):
+    """Rebuild a model from ``NAME.json`` and load ``NAME.safetensors``; eval mode, on ``device``.
+
+    ``path_or_name``: a path (with or without suffix) or a bare name of shipped weights
+    (see :func:`weights_dir`). The JSON is attached as ``model.meta``. ``backend`` picks
+    the adder kernel. Raises FileNotFoundError for a missing file and ValueError for a
+    truncated, unreadable or mismatched one, naming the file and the problem.
+    """
+    info, tensors = read(path_or_name)
+    stem = Path(info.pop("path"))
+    st_path, json_path = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+    try:
+        model = _build(info["model"], info["scale"], info["op"], backend, info["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{json_path} describes a model that cannot be built: {e}") from None
     _check_tensors(model, tensors, st_path)
     model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
