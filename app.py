@@ -21,6 +21,7 @@ required. Its first output is the upscaled PNG.
 
 import argparse
 import functools
+import math
 import os
 import shutil
 import signal
@@ -199,8 +200,15 @@ class Upscaler:
                 if scale is None or int(meta["scale"]) == int(scale)]
 
     def default(self, scale=None):
-        choices = self.choices(scale)
-        return choices[0][1] if choices else None
+        """The best adder model (of ``scale`` when given): the largest recorded Set5 gain over
+        bicubic; CNN twins and models without a score come after. None without weights."""
+        def rank(name):
+            meta = self.weights[name]
+            psnr = _set5_psnr(meta)
+            gain = psnr - bicubic_set5(int(meta["scale"])) if psnr is not None else -math.inf
+            return meta["op"] != "adder", -gain, name
+        names = [name for _, name in self.choices(scale)]
+        return min(names, key=rank) if names else None
 
     def limit(self):
         """The output limit in words, with the largest input for each scale offered."""

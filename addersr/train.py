@@ -15,9 +15,11 @@ function of (seed, r, i) only (see :mod:`addersr.data.patches`), so data order s
 resume and does not depend on ``--workers``.
 
 Adder models train with the adder recipe (``ADDER_RECIPE``; the evidence is in
-docs/training.md): the adder weights get their own learning rate (``--adder-lr``, a
-multiple of ``--lr``) and initial scale (``--adder-init``), and the other options below
-that only adder layers have. ``--teacher WEIGHTS`` adds distillation from a trained model
+docs/training.md): SGD with momentum 0.9 at lr 0.02 and AdderNet's adaptive rate, which
+gives the adder weights the step size they need (Adam at the CNN's rate moves them ~100x
+too slowly). Options of adder layers alone: the adder weights' own learning rate
+(``--adder-lr``, a multiple of ``--lr``) and initial scale (``--adder-init``), BN momentum
+and the power activations' start and learning. ``--teacher WEIGHTS`` adds distillation from a trained model
 of the same scale (an output-level L1 loss, ``--distill``, and optionally one on the
 outputs of the body's blocks, ``--distill-features``). The whole recipe is recorded in the
 exported JSON (``recipe``).
@@ -645,7 +647,8 @@ class _Run:
                 "patch": cfg["patch"], "batch": cfg["batch"], "processes": self.world,
                 "lr": cfg["lr"], "eta": cfg["eta"], "seed": cfg["seed"],
                 "seconds": round(self.seconds, 1), "device": _device_name(self.device),
-                "recipe": {k: cfg[k] for k in RECIPE_KEYS if cfg.get(k) is not None}}
+                "recipe": {k: cfg[k] for k in RECIPE_KEYS if cfg.get(k) is not None
+                           and (cfg["teacher"] or k not in ("distill", "distill_features"))}}
         if self.init:
             meta["parent"] = self.init
         if self.last_val:  # the last validation, keyed by the validation set's folder name
@@ -663,9 +666,11 @@ def _finite(model):
 
 
 def _device_name(device):
+    """``NVIDIA H200`` for a GPU; ``cpu (MODEL, N cores)`` for the CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return "cpu"
+    from .bench import device_name
+    return device_name(device)
 
 
 def _read_init(name, error):
@@ -690,7 +695,7 @@ def _apply_init(model, cfg, info, tensors, error):
           + (f" (not loaded: {', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''})" if skipped else "")
           + (f"; continuing at iteration {info.get('iterations', 0)}" if continued else
              "; a new run (other architecture or scale): iteration 0"), file=sys.stderr)
-    return {"weights": info["path"], "model": info["model"], "scale": info["scale"], "op": info["op"],
+    return {"weights": Path(info["path"]).name, "model": info["model"], "scale": info["scale"], "op": info["op"],
             "config": info["config"], "iterations": int(info.get("iterations") or 0),
             "seconds": float(info.get("seconds") or 0.0), "continued": continued,
             "loaded": len(matched), "of": len(own)}

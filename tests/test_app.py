@@ -421,3 +421,22 @@ def test_sigterm_removes_the_temporary_folder(weights_dir, tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_default_is_the_best_adder_model(tmp_path):
+    """The page opens on the adder model with the best recorded Set5 gain over bicubic;
+    CNN twins (however good) and unscored models come after."""
+    torch.manual_seed(0)
+    small = {"n_blocks": 1, "n_feats": 8}
+    for stem, op, psnr, scale in [("a_adder", "adder", 30.5, 2), ("b_cnn", "conv", 40.0, 2),
+                                  ("c_adder", "adder", 31.5, 2), ("d_adder", "adder", None, 2),
+                                  ("e_adder", "adder", 27.0, 3)]:
+        meta = {"metrics": {"Set5": {"psnr": psnr, "ssim": 0.9}}} if psnr else {}
+        models.save(models.build("edsr-baseline", scale, op=op, **small), tmp_path / stem, meta)
+    up = app.Upscaler(tmp_path, device="cpu")
+    # bicubic scores 33.67 at x2 and 30.40 at x3: gains c -2.2, a -3.2, e -3.4
+    assert up.default() == "c_adder"
+    assert up.default(scale=3) == "e_adder"
+    (tmp_path / "c_adder.json").unlink()
+    (tmp_path / "c_adder.safetensors").unlink()
+    assert app.Upscaler(tmp_path, device="cpu").default() == "a_adder"
