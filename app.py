@@ -3,7 +3,8 @@
     python app.py [--host 127.0.0.1] [--port 7860] [--device auto] [--weights-dir DIR]
                   [--concurrency 1] [--share]
 
-The page compares the model's result with bicubic interpolation on a slider and reports
+The page compares the model's result on a slider with bicubic interpolation or, on
+request, with its twin's (the CNN of the same size for an AdderSR model) and reports
 the time taken, the output size, the additions and multiplications the network spent and
 its estimated energy next to its twin's (AdderSR <-> CNN, 45 nm figures of
 ``addersr.energy``). The models offered are the weights in ``--weights-dir``, else
@@ -15,8 +16,8 @@ images go through exact tiled inference, and a request whose client disconnects 
 its next tile. ``python app.py`` keeps uploads and results in one temporary folder, removed
 when it exits (Ctrl-C or SIGTERM).
 
-API: the endpoint ``/upscale`` takes ``(image, weights, tile)``; only the image is
-required. Its first output is the upscaled PNG.
+API: the endpoint ``/upscale`` takes ``(image, weights, tile, compare)``; only the image
+is required (``compare``: "bicubic" or "twin"). Its first output is the upscaled PNG.
 """
 
 import argparse
@@ -56,6 +57,8 @@ KEEP_RESULTS_S = 3600  # results and uploads older than this are deleted
 ASSETS = Path(models.__file__).resolve().parent.parent / "assets" / "Set5"
 EXAMPLE_REDUCTION = 4  # the Set5 examples are shrunk this much (MATLAB bicubic) to be LR inputs
 OP_NAMES = {"adder": "AdderSR", "conv": "CNN"}
+BICUBIC, TWIN = "bicubic", "twin"  # what the slider shows the result against
+COMPARE = (BICUBIC, TWIN)
 
 
 def _refuse(message):
@@ -210,6 +213,17 @@ class Upscaler:
         names = [name for _, name in self.choices(scale)]
         return min(names, key=rank) if names else None
 
+    def twin(self, name):
+        """The weights of ``name``'s twin: same model, scale and architecture, the other op
+        (the CNN of an AdderSR model and vice versa); None when none is offered."""
+        meta = self.weights.get(name)
+        if meta is None:
+            return None
+        key = (meta["model"], int(meta["scale"]), meta.get("config") or {})
+        twins = [other for other, m in self.weights.items() if m["op"] != meta["op"]
+                 and (m["model"], int(m["scale"]), m.get("config") or {}) == key]
+        return min(twins) if twins else None
+
     def limit(self):
         """The output limit in words, with the largest input for each scale offered."""
         sides = ", ".join(f"{int(MAX_OUTPUT_PIXELS ** 0.5) // s}x{int(MAX_OUTPUT_PIXELS ** 0.5) // s}"
@@ -261,12 +275,13 @@ class Upscaler:
         return Path(tempfile.mkdtemp(dir=self.results))
 
     # ---- the handlers
-    def check(self, image, weights=None, tile=0):
+    def check(self, image, weights=None, tile=0, compare=BICUBIC):
         """Validate a request without running it (the image's header only).
 
         Returns ``(path, name, scale, (w, h), tile)``, ``tile`` being the tile size to use
         (None: the whole image at once). Raises ``gr.Error`` for a missing, unreadable or
-        too large image, unknown weights or a bad tile size.
+        too large image, unknown weights, a bad tile size or a comparison with a twin that
+        is not offered.
         """
         if not self.weights:
             raise _refuse(self.no_weights_message())
@@ -275,6 +290,11 @@ class Upscaler:
         name = weights or self.default()
         if name not in self.weights:
             raise _refuse(f"Unknown weights {name!r}; available: {', '.join(self.weights)}.")
+        if compare not in COMPARE:
+            raise _refuse(f"Compare with {compare!r}? Choose one of: {', '.join(COMPARE)}.")
+        if compare == TWIN and self.twin(name) is None:
+            op = OP_NAMES.get(self.weights[name]["op"], "")
+            raise _refuse(f"No twin of this {op} model is offered; compare with bicubic.")
         try:
             check_tile(0 if tile is None else int(tile))
         except ValueError as err:
@@ -290,35 +310,53 @@ class Upscaler:
         tile = int(tile or 0) or (TILE if max(size) > TILE else None)
         return path, name, scale, size, tile
 
-    def __call__(self, image, weights=None, tile=0, progress=gr.Progress()):
+    def __call__(self, image, weights=None, tile=0, compare=BICUBIC, progress=gr.Progress()):
         """Upscale the image file ``image`` with ``weights`` (a name; None: the default).
 
         ``tile``: 0 picks tiles of TILE pixels for large inputs, N >= MIN_TILE forces tiles
-        of N. Returns ``(upscaled_png, (bicubic_png, upscaled_png), stats_markdown)``;
-        raises ``gr.Error`` for a bad request (see :meth:`check`) and when the client has
-        gone (the work stops at the next tile).
+        of N. ``compare``: what the result is shown against, ``"bicubic"`` or ``"twin"`` (the
+        same image upscaled by the model's twin, see :meth:`twin`). Returns
+        ``(upscaled_png, (other_png, upscaled_png), stats_markdown)``; raises ``gr.Error``
+        for a bad request (see :meth:`check`) and when the client has gone (the work stops
+        at the next tile).
         """
-        path, name, scale, _, tile = self.check(image, weights, tile)
+        path, name, scale, _, tile = self.check(image, weights, tile, compare)
         try:
             lr = load_image(path)
         except ImageError as err:
             raise _refuse(f"{path.name} could not be read: {err.reason}.") from None
 
-        def report(done, total):
-            if _client_gone():
-                raise _refuse("Cancelled: the client disconnected.")
-            progress((done, total), desc="Upscaling tiles", unit="tiles")
+        def run(weights_name, what):
+            def report(done, total):
+                if _client_gone():
+                    raise _refuse("Cancelled: the client disconnected.")
+                progress((done, total), desc=what, unit="tiles")
 
-        model = self.model(name)
-        start = time.perf_counter()
-        sr = upscale(lr, model, tile=tile, progress=report)
-        seconds = time.perf_counter() - start
+            model = self.model(weights_name)
+            start = time.perf_counter()
+            sr = upscale(lr, model, tile=tile, progress=report)
+            return sr, time.perf_counter() - start
+
+        sr, seconds = run(name, "Upscaling tiles")
         folder = self._result_dir()
         stem = path.stem
         out_path = save_png(sr, folder / f"{stem}_x{scale}_{name}.png")
-        bic_path = save_png(bicubic(lr, scale), folder / f"{stem}_x{scale}_bicubic.png")
         stats = self._stats(name, lr, sr, seconds, tile)
-        return str(out_path), (str(bic_path), str(out_path)), stats
+        if compare == TWIN:
+            twin = self.twin(name)
+            twin_sr, twin_seconds = run(twin, f"{OP_NAMES[self.weights[twin]['op']]} twin: upscaling tiles")
+            other = save_png(twin_sr, folder / f"{stem}_x{scale}_{twin}.png")
+            stats += "\n\n" + self._twin_line(twin, twin_seconds)
+        else:
+            other = save_png(bicubic(lr, scale), folder / f"{stem}_x{scale}_bicubic.png")
+        return str(out_path), (str(other), str(out_path)), stats
+
+    def _twin_line(self, twin, seconds):
+        meta = self.weights[twin]
+        psnr = _set5_psnr(meta)
+        score = f", Set5 {psnr:.2f} dB" if psnr is not None else ""
+        return (f"Left of the slider: its {OP_NAMES[meta['op']]} twin ({twin}{score}), "
+                f"**{seconds:.2f} s**.")
 
     def _stats(self, name, lr, sr, seconds, tile):
         meta = self.weights[name]
@@ -379,8 +417,27 @@ PNG, JPEG, WebP, BMP or TIFF; gray, transparent and 16-bit pictures keep their k
 the enlarged picture {limit}; pictures larger than {tile} pixels on a side are processed
 in pieces, with the same result."""
 
-SLIDER_LABEL = ("Left: ordinary enlargement (bicubic) · Right: AdderSR network · "
-                "drag the bar to compare")
+
+
+def slider_label(up, name, compare=BICUBIC):
+    """The comparison slider's caption: what its left and right halves show."""
+    meta = up.weights.get(name)
+    right = f"{OP_NAMES.get(meta['op'], meta['op'])} network" if meta else "the network"
+    twin = up.twin(name) if compare == TWIN else None
+    left = (f"its {OP_NAMES[up.weights[twin]['op']]} twin" if twin
+            else "ordinary enlargement (bicubic)")
+    return f"Left: {left} · Right: {right} · drag the bar to compare"
+
+
+def compare_control(up, name, current=BICUBIC, **props):
+    """The "Compare with" choice for the weights ``name``: bicubic, and the twin when offered
+    (the control is hidden without one). ``props``: more arguments of ``gr.Radio``."""
+    twin = up.twin(name)
+    choices = [("ordinary enlargement (bicubic)", BICUBIC)]
+    if twin:
+        choices.append((f"its {OP_NAMES[up.weights[twin]['op']]} twin (runs it too)", TWIN))
+    value = current if twin and current in COMPARE else BICUBIC
+    return gr.Radio(choices, value=value, visible=twin is not None, **props)
 
 
 def build_demo(weights_dir=None, device="auto", concurrency=1, temp_dir=None):
@@ -403,9 +460,13 @@ def build_demo(weights_dir=None, device="auto", concurrency=1, temp_dir=None):
                                  value=str(first) if scales else None,
                                  label="Enlargement (times wider and taller)",
                                  visible=len(scales) > 1, elem_id="scale")
-                weights = gr.Dropdown(up.choices(first), value=up.default(first),
-                                      label="Model", elem_id="weights")
+                # custom values: the API may name weights of any scale (check() refuses
+                # unknown names), not only those listed for the first scale
+                weights = gr.Dropdown(up.choices(first), value=up.default(first), label="Model",
+                                      allow_custom_value=True, elem_id="weights")
                 note = gr.Markdown(up.note(up.default(first)), elem_id="model-note")
+                compare = compare_control(up, up.default(first), label="Compare the result with",
+                                          elem_id="compare")
                 with gr.Accordion("Advanced: process in pieces", open=False):
                     tile = gr.Number(0, precision=0, minimum=0,
                                      label="Piece size, in pixels of your picture",
@@ -419,31 +480,39 @@ def build_demo(weights_dir=None, device="auto", concurrency=1, temp_dir=None):
                     gr.Examples([[str(p)] for p in examples], inputs=[image],
                                 label=f"Set5, reduced {EXAMPLE_REDUCTION}x", cache_examples=False)
             with gr.Column(scale=3):
-                slider = gr.ImageSlider(label=SLIDER_LABEL, type="filepath", format="png",
+                slider = gr.ImageSlider(label=slider_label(up, up.default(first)),
+                                        type="filepath", format="png",
                                         interactive=False, elem_id="comparison")
                 stats = gr.Markdown(label="Statistics", elem_id="stats")
                 result = gr.File(label="Download the enlarged picture (PNG)",
                                  interactive=False, elem_id="result")
 
-        def ready(path, name):
+        def ready(path, name, what):
             """The Upscale button, usable once the picture suits the model (errors shown now;
             the tile size is checked when the button is pressed)."""
             if path is not None:
-                up.check(path, name)
+                up.check(path, name, compare=what)
             return gr.Button(interactive=path is not None)
 
         for event in (image.change, weights.change):  # disable at once, enable if valid
             event(lambda: gr.Button(interactive=False), None, run, queue=False,
                   api_visibility="private").then(  # queued (errors are shown), never waits
-                ready, [image, weights], run, concurrency_limit=None, api_visibility="private")
+                ready, [image, weights, compare], run, concurrency_limit=None,
+                api_visibility="private")
         scale.change(lambda s: gr.Dropdown(choices=up.choices(s), value=up.default(s)),
                      inputs=scale, outputs=weights, api_visibility="private")
         weights.change(up.note, weights, note, queue=False, api_visibility="private")
+        weights.change(functools.partial(compare_control, up), [weights, compare], compare,
+                       queue=False, api_visibility="private")
+        for event in (weights.change, compare.change):
+            event(lambda name, what: gr.ImageSlider(label=slider_label(up, name, what)),
+                  [weights, compare], slider, queue=False, api_visibility="private")
         run.click(lambda: gr.Button(interactive=False), None, run, queue=False,
                   api_visibility="private").then(
-            up, inputs=[image, weights, tile], outputs=[result, slider, stats],
+            up, inputs=[image, weights, tile, compare], outputs=[result, slider, stats],
             api_name="upscale").then(
-            ready, [image, weights], run, concurrency_limit=None, api_visibility="private")
+            ready, [image, weights, compare], run, concurrency_limit=None,
+            api_visibility="private")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=concurrency)
     demo.upscaler = up  # the handler, for callers that want it without a server
     return demo

@@ -135,7 +135,8 @@ def parse_args(argv=None):
                         help="weight of the L1 loss between the outputs of the body's blocks of "
                              "student and teacher (default 0; needs the same block count and width)")
     p.add_argument("--val-every", type=int, default=None,
-                   help="iterations between Set5 validations (default 1000; 0 disables)")
+                   help="iterations between Set5 validations, and one at the end (default 1000; "
+                        "0 disables)")
     p.add_argument("--val-data", default=None,
                    help="validation image folder (default Set5 of $ADDERSR_DATA/benchmark or the shipped copy)")
     p.add_argument("--ckpt-every", type=int, default=None, help="iterations between checkpoints (default 1000)")
@@ -482,6 +483,7 @@ class _Run:
             _set_rng_state(start_state["rng"])
         elif init is not None and init["continued"]:
             self.iteration, self.seconds = init["iterations"], init["seconds"]
+            self.history = list(init.pop("validation", None) or [])  # the curve goes on
         self.net = self.model
         if world > 1:
             self.net = DistributedDataParallel(
@@ -602,7 +604,7 @@ class _Run:
             it = self.iteration
             # the same decisions on every rank: the loss reduction is a collective call
             late = it % LOG_EVERY == 0 and self._out_of_time()
-            validate = bool(cfg["val_every"]) and (it % cfg["val_every"] == 0 or late)
+            validate = bool(cfg["val_every"]) and (it % cfg["val_every"] == 0 or late or it == iters)
             checkpoint = bool(cfg["ckpt_every"]) and it % cfg["ckpt_every"] == 0
             saving = validate or checkpoint or late or it == iters
             if it % LOG_EVERY == 0 or saving:
@@ -638,6 +640,9 @@ class _Run:
                 self.stopped_early = it < iters
                 break
         bar.close()
+        scored = self.history[-1]["iteration"] if self.history else None
+        if self.main and cfg["val_every"] and scored != self.iteration:  # nothing left to train
+            self.validate()
 
     def export(self, path):
         from . import models
@@ -683,7 +688,8 @@ def _read_init(name, error):
 
 
 def _apply_init(model, cfg, info, tensors, error):
-    """Load the matching tensors of the ``--init`` weights into ``model``; the parent record."""
+    """Load the matching tensors of the ``--init`` weights into ``model``; the parent record
+    (with their validation curve, when the run continues theirs)."""
     own = model.state_dict()
     matched = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
     if not matched:
@@ -695,10 +701,13 @@ def _apply_init(model, cfg, info, tensors, error):
           + (f" (not loaded: {', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''})" if skipped else "")
           + (f"; continuing at iteration {info.get('iterations', 0)}" if continued else
              "; a new run (other architecture or scale): iteration 0"), file=sys.stderr)
-    return {"weights": Path(info["path"]).name, "model": info["model"], "scale": info["scale"], "op": info["op"],
-            "config": info["config"], "iterations": int(info.get("iterations") or 0),
-            "seconds": float(info.get("seconds") or 0.0), "continued": continued,
-            "loaded": len(matched), "of": len(own)}
+    record = {"weights": Path(info["path"]).name, "model": info["model"], "scale": info["scale"],
+              "op": info["op"], "config": info["config"], "iterations": int(info.get("iterations") or 0),
+              "seconds": float(info.get("seconds") or 0.0), "continued": continued,
+              "loaded": len(matched), "of": len(own)}
+    if continued and isinstance(info.get("validation"), list):
+        record["validation"] = info["validation"]  # taken over by the run, not kept in the record
+    return record
 
 
 def _check_teacher_features(run, error):

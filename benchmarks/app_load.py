@@ -1,7 +1,12 @@
 """Load test of the web demo: N concurrent ``/upscale`` requests through ``gradio_client``.
 
     python benchmarks/app_load.py [--requests 20] [--size 64] [--weights-dir DIR]
+                                  [--weights NAME] [--one-at-a-time]
                                   [--concurrency 1] [--device cpu] [--out FILE]
+
+    # how long one 256x256 x4 request takes in the demo, shipped weights:
+    python benchmarks/app_load.py --requests 5 --one-at-a-time --size 256 \
+        --weights-dir weights --weights edsr-small-x4-adder-cpu --out benchmarks/results/app_x4_256.md
 
 Starts ``python app.py`` in a subprocess (by default on a random-weight, full-size
 edsr-baseline x2 adder model saved in a temporary folder: the time does not depend on the
@@ -28,8 +33,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fire(url, image, requests=20, api_name="/upscale"):
-    """Send ``requests`` concurrent calls of ``api_name`` with ``image``; report the outcome.
+def fire(url, image, requests=20, api_name="/upscale", weights=None, parallel=True):
+    """Send ``requests`` calls of ``api_name`` with ``image`` (and ``weights``, a name; None:
+    the app's default), all at once or, with ``parallel=False``, one after the other; report
+    the outcome.
 
     Returns ``dict(ok, failed=[error strings], sizes=[(w, h)], latencies=[s], seconds)``.
     """
@@ -39,7 +46,7 @@ def fire(url, image, requests=20, api_name="/upscale"):
         start = time.perf_counter()
         try:
             client = Client(url, verbose=False)
-            result = client.predict(handle_file(str(image)), api_name=api_name)
+            result = client.predict(handle_file(str(image)), weights, api_name=api_name)
             with Image.open(result[0]) as im:
                 size = im.size
             return True, size, time.perf_counter() - start
@@ -47,7 +54,7 @@ def fire(url, image, requests=20, api_name="/upscale"):
             return False, f"{type(err).__name__}: {err}", time.perf_counter() - start
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=requests) as pool:
+    with ThreadPoolExecutor(max_workers=requests if parallel else 1) as pool:
         outcomes = list(pool.map(one, range(requests)))
     seconds = time.perf_counter() - start
     return {"ok": sum(ok for ok, _, _ in outcomes),
@@ -94,6 +101,16 @@ def _random_weights(folder):
                 {"note": "random weights for the load test"})
 
 
+def _scale(weights_dir, name):
+    """The scale of the weights ``name`` in ``weights_dir`` (None: not known here)."""
+    if name is None:
+        return None
+    from addersr import models
+
+    return next((int(meta["scale"]) for path, meta in models.list_weights(weights_dir)
+                 if path.stem == name), None)
+
+
 def _cpu_name():
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -110,6 +127,10 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=32, help="side of the square test image (pixels)")
     p.add_argument("--weights-dir", default=None,
                    help="weights folder for the app (default: random edsr-baseline x2 adder)")
+    p.add_argument("--weights", default=None, metavar="NAME",
+                   help="weights to request (default: the app's default model)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="send the requests one after the other (latency of a lone request)")
     p.add_argument("--concurrency", type=int, default=1, help="the app's --concurrency")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "app_load.md"))
@@ -137,11 +158,12 @@ def main(argv=None):
             start = time.perf_counter()
             _wait_until_up(url, proc)
             startup = time.perf_counter() - start
-            warm = fire(url, tmp / "input.png", requests=1)  # loads the model once
+            warm = fire(url, tmp / "input.png", requests=1, weights=args.weights)  # loads the model
             if warm["ok"] != 1:
                 raise RuntimeError(f"warm-up request failed: {warm['failed']}")
             rest_kib = _memory_kib(proc.pid, "VmRSS")
-            report = fire(url, tmp / "input.png", requests=args.requests)
+            report = fire(url, tmp / "input.png", requests=args.requests, weights=args.weights,
+                          parallel=not args.one_at_a_time)
             peak_kib = _memory_kib(proc.pid, "VmHWM")
         finally:
             proc.terminate()
@@ -151,22 +173,29 @@ def main(argv=None):
                 proc.kill()
 
     lat = np.array(report["latencies"])
-    expected = (2 * args.size, 2 * args.size) if args.weights_dir is None else None
+    scale = 2 if args.weights_dir is None else _scale(args.weights_dir, args.weights)
+    expected = None if scale is None else (scale * args.size, scale * args.size)
     sizes_ok = expected is None or all(s == expected for s in report["sizes"])
     lines = [
         "# Web demo under load",
         "",
         f"`python benchmarks/app_load.py --requests {args.requests} --size {args.size}"
-        f" --concurrency {args.concurrency} --device {args.device}`"
-        + ("" if args.weights_dir is None else f" `--weights-dir {args.weights_dir}`"),
+        f" --concurrency {args.concurrency} --device {args.device}"
+        + ("" if args.weights_dir is None else f" --weights-dir {args.weights_dir}")
+        + ("" if args.weights is None else f" --weights {args.weights}")
+        + (" --one-at-a-time" if args.one_at_a_time else "") + "`",
         "",
         f"- machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, Python "
         f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}; load average "
         f"{load_before:.1f} before the run (other work on the machine slows it)",
         "- model: " + ("random-weight edsr-baseline x2 adder (full size)"
-                       if args.weights_dir is None else f"first weights in {args.weights_dir}"),
+                       if args.weights_dir is None else
+                       f"{args.weights or 'the default weights'} in {args.weights_dir}"),
         f"- input {args.size}x{args.size} RGB; the app's queue runs {args.concurrency} "
-        "request(s) at a time",
+        "request(s) at a time; requests sent "
+        + ("one after the other" if args.one_at_a_time else "all at once")
+        + "; a request's latency is the client's: upload, queue, upscaling, bicubic or twin, "
+        "PNG encoding, download",
         "",
         "| requests | succeeded | right size | wall time | throughput | latency p50 | p90 | max "
         "| server RSS at rest | server peak RSS |",

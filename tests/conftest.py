@@ -36,3 +36,20 @@ def one_thread():
     yield
     torch.set_num_threads(torch_threads)
     numba.set_num_threads(numba_threads)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """A data root in ``tmp_path`` for the benchmark scripts: train/T91 (three 64x64 images)
+    and benchmark/Set5 (two 32x32), blocky random pictures."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder, n, size in (("train/T91", 3, 64), ("benchmark/Set5", 2, 32)):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(n):
+            img = np.kron(rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8),
+                          np.ones((4, 4, 1), np.uint8))
+            Image.fromarray(img).save(tmp_path / folder / f"{i}.png")
+    return tmp_path

@@ -199,6 +199,49 @@ def test_bad_requests(tmp_path, upscaler):
             upscaler(str(tmp_path / "full.jpg"), "vdsr_x2_adder", tile, progress=Recorder())
 
 
+def test_twin_is_the_same_network_with_the_other_op(upscaler):
+    assert upscaler.twin("edsr-baseline_x2_adder") == "edsr-baseline_x2_conv"
+    assert upscaler.twin("edsr-baseline_x2_conv") == "edsr-baseline_x2_adder"
+    assert upscaler.twin("vdsr_x2_adder") is None and upscaler.twin("nope") is None
+
+
+def test_compare_with_the_cnn_twin(tmp_path, upscaler, weights_dir):
+    """On request the slider's left half is the CNN twin's result for the same image (its
+    own model's output, exactly), and the statistics give the twin's time."""
+    rgb = np.random.default_rng(5).integers(0, 256, (10, 13, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "p.png")
+    progress = Recorder()
+    out, (left, right), stats = upscaler(str(tmp_path / "p.png"), "edsr-baseline_x2_adder", 0,
+                                         "twin", progress=progress)
+    assert right == out and Path(left).name == "p_x2_edsr-baseline_x2_conv.png"
+    for path, name in ((out, "edsr-baseline_x2_adder"), (left, "edsr-baseline_x2_conv")):
+        with Image.open(path) as im:
+            got = np.asarray(im).astype(np.int16)
+        assert np.abs(got - _expected_rgb(weights_dir, name, rgb)).max() <= 1
+    assert "CNN twin (edsr-baseline_x2_conv)" in stats and stats.count(" s**") == 2
+    assert len(progress.calls) >= 2  # both networks report their tiles
+    with pytest.raises(gr.Error, match="No twin of this AdderSR model"):
+        upscaler(str(tmp_path / "p.png"), "vdsr_x2_adder", 0, "twin", progress=Recorder())
+    with pytest.raises(gr.Error, match="Choose one of: bicubic, twin"):
+        upscaler(str(tmp_path / "p.png"), "edsr-baseline_x2_adder", 0, "cnn", progress=Recorder())
+
+
+def test_compare_control_and_slider_caption(upscaler):
+    """The comparison choice appears only for a model with a twin; the slider's caption
+    names what each half shows."""
+    ctrl = app.compare_control(upscaler, "edsr-baseline_x2_adder", app.TWIN)
+    assert ctrl.visible and ctrl.value == "twin" and [c[1] for c in ctrl.choices] == ["bicubic", "twin"]
+    ctrl = app.compare_control(upscaler, "vdsr_x2_adder", app.TWIN)
+    assert ctrl.visible is False and ctrl.value == "bicubic" and len(ctrl.choices) == 1
+    label = app.slider_label(upscaler, "edsr-baseline_x2_adder")
+    assert label.startswith("Left: ordinary enlargement (bicubic) · Right: AdderSR network")
+    assert app.slider_label(upscaler, "edsr-baseline_x2_adder", "twin").startswith(
+        "Left: its CNN twin · Right: AdderSR network")
+    assert "Left: its AdderSR twin · Right: CNN network" in app.slider_label(
+        upscaler, "edsr-baseline_x2_conv", "twin")
+    assert "bicubic" in app.slider_label(upscaler, "vdsr_x2_adder", "twin")
+
+
 def test_unreadable_image_message_shows_no_folders(tmp_path, upscaler):
     Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "full.png")
     data = (tmp_path / "full.png").read_bytes()
@@ -298,6 +341,10 @@ def test_api_endpoint(served, tmp_path):
         client.predict(handle_file(str(tmp_path / "bad.png")), api_name="/upscale")
     with pytest.raises(AppError, match=f"at least {app.MIN_TILE} pixels"):
         client.predict(handle_file(str(tmp_path / "in.png")), tile=1, api_name="/upscale")
+    result, (left, right), stats = client.predict(
+        handle_file(str(tmp_path / "in.png")), weights="edsr-baseline_x2_adder", compare="twin",
+        api_name="/upscale")
+    assert "edsr-baseline_x2_conv" in Path(left).name and "CNN twin" in stats
 
 
 def _png_gray(width, height):
@@ -309,6 +356,30 @@ def _png_gray(width, height):
     idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_api_serves_every_scale(weights_dir, tmp_path):
+    """The API may ask for weights of a scale the page does not show first."""
+    from gradio_client import Client, handle_file
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(weights_dir / ("vdsr_x2_adder" + suffix), folder / ("vdsr_x2_adder" + suffix))
+    models.save(models.build("edsr-baseline", 3, op="adder", n_blocks=1, n_feats=8), folder / "e_x3")
+    demo = app.build_demo(weights_dir=folder, device="cpu")
+    port = free_port()
+    app.launch(demo, port=port, block=False)
+    try:
+        Image.new("RGB", (10, 8), (9, 99, 199)).save(tmp_path / "in.png")
+        result, _, stats = Client(f"http://127.0.0.1:{port}/", verbose=False,
+                                  download_files=str(tmp_path / "dl")).predict(
+            handle_file(str(tmp_path / "in.png")), weights="e_x3", api_name="/upscale")
+    finally:
+        demo.close()
+    with Image.open(result) as im:
+        assert im.size == (30, 24)
+    assert "x3" in stats
 
 
 def test_api_messages_name_the_problem(served, tmp_path):
@@ -341,6 +412,10 @@ def test_concurrent_requests(served, tmp_path):
     report = load.fire(served, tmp_path / "small.png", requests=20)
     assert report["ok"] == 20 and report["failed"] == []
     assert all(size == (32, 32) for size in report["sizes"])
+    report = load.fire(served, tmp_path / "small.png", requests=2, weights="nope", parallel=False)
+    assert report["ok"] == 0 and all("Unknown weights" in f for f in report["failed"]), report
+    assert load._scale(ROOT / "weights", "edsr-small-x4-adder-cpu") == 4
+    assert load._scale(ROOT / "weights", "nope") is None
 
 
 def test_disconnected_client_stops_the_work(weights_dir, tmp_path):

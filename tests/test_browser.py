@@ -148,3 +148,38 @@ def test_page_checks_uploads_labels_and_busy_button(served, tmp_path):
             model.forward = forward
     assert shown == 2  # bicubic and the result, both in the slider; no second copy
     assert "Download" in label and any(u.endswith(f"ok_x{scale}_{name}.png") for u in links), links
+
+
+def test_compare_with_the_cnn_twin_on_the_page(served, tmp_path):
+    """Choosing the twin renames the slider's halves and shows the twin's result on the left."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, upscaler = served
+    name = upscaler.default()
+    twin = upscaler.twin(name)
+    if twin is None:
+        pytest.skip("the weights offered have no CNN twin of the default model")
+    scale = int(upscaler.weights[name]["scale"])
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
+        tmp_path / "ok.png")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            page.wait_for_selector("#compare", timeout=60_000)
+            page.locator("#compare").get_by_text("its CNN twin").click()
+            page.wait_for_function(
+                "() => document.querySelector('#comparison').innerText.includes('its CNN twin')",
+                timeout=30_000)
+            page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "ok.png"))
+            page.wait_for_function("() => !document.querySelector('#upscale-button').disabled",
+                                   timeout=30_000)
+            page.click("#upscale-button")
+            page.wait_for_function(
+                "() => document.querySelector('#stats').innerText.includes('Left of the slider')", timeout=120_000)
+            stats = page.inner_text("#stats")
+            srcs = page.eval_on_selector_all("#comparison img", "els => els.map(e => e.src)")
+        finally:
+            browser.close()
+    assert f"{40 * scale}x{30 * scale}" in stats and twin in stats
+    assert any(f"ok_x{scale}_{twin}.png" in s for s in srcs), srcs

@@ -30,13 +30,7 @@ def test_active_fraction_tells_weights_inside_the_data_from_outside(value, expec
     assert recipe.active_fraction(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), x) is None
 
 
-def test_tiny_run_writes_table_json_plot_and_skips_measured(tmp_path, monkeypatch, capsys):
-    rng = np.random.default_rng(0)
-    for folder, n, size in (("train/T91", 3, 64), ("benchmark/Set5", 2, 32)):
-        (tmp_path / folder).mkdir(parents=True)
-        for i in range(n):
-            img = np.kron(rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8), np.ones((4, 4, 1), np.uint8))
-            Image.fromarray(img).save(tmp_path / folder / f"{i}.png")
+def test_tiny_run_writes_table_json_plot_and_skips_measured(tiny_data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     argv = ["--data", str(tmp_path), "--steps", "4", "--only", "paper", "sgd-distill",
             "--results", str(out / "recipe.json"), "--plot", str(out / "recipe.png"), "--workdir", str(tmp_path / "w")]

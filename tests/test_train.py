@@ -1,6 +1,7 @@
 """Training: data pipeline, smoke runs of every model and op, exact resume, NaN stop,
 checkpoints, export, DDP on two CPU processes (gloo) and bad arguments."""
 
+import json
 import os
 import re
 import socket
@@ -221,6 +222,23 @@ def test_validation_best_checkpoint_and_export(data, tmp_path, capsys):
     assert recorded["iteration"] == 4
 
 
+def test_the_end_of_a_run_is_always_validated(data, tmp_path):
+    """A run whose length is not a multiple of --val-every is scored at its last iteration
+    (the exported metrics are those of the exported weights); continuing weights whose last
+    score is older, with nothing left to train, scores them."""
+    val = ["--val-every", "3", "--val-data", str(data / "val")]
+    run = train.main(_argv(data, tmp_path / "a", *val, "--export", str(tmp_path / "w"), op="conv", iters=4))
+    assert [h["iteration"] for h in run.history] == [3, 4]
+    assert models.load(tmp_path / "w").meta["metrics"]["val"]["iteration"] == 4
+    meta = json.loads((tmp_path / "w.json").read_text())
+    meta["validation"], meta["metrics"]["val"]["iteration"] = meta["validation"][:1], 3
+    (tmp_path / "w.json").write_text(json.dumps(meta))  # as weights exported before this rule
+    again = train.main(_argv(data, tmp_path / "b", "--init", str(tmp_path / "w"), *val,
+                             "--export", str(tmp_path / "w2"), iters=4))
+    assert again.iteration == 4 and [h["iteration"] for h in again.history] == [3, 4]
+    assert models.load(tmp_path / "w2").meta["metrics"]["val"]["iteration"] == 4
+
+
 def test_arch_overrides_reach_the_model_and_the_exported_weights(data, tmp_path):
     export = tmp_path / "small"
     run = train.main(_argv(data, tmp_path, "--arch", "n_blocks=2", "n_feats=8", "res_scale=0.5",
@@ -400,10 +418,11 @@ def test_time_limit_stops_checkpoints_exports_and_resumes(data, tmp_path, monkey
 
 def test_init_continues_step_count_recipe_and_architecture(data, tmp_path, capsys):
     first = tmp_path / "first"
+    val = ["--val-every", "2", "--val-data", str(data / "val")]
     train.main(_argv(data, tmp_path / "a", "--arch", "n_blocks=1", "n_feats=8", "--lr", "3e-4",
-                     "--lr-schedule", "cosine", "--export", str(first), iters=4))
+                     "--lr-schedule", "cosine", "--export", str(first), *val, iters=4))
     run = train.main(_argv(data, tmp_path / "b", "--init", str(first), "--export", str(tmp_path / "second"),
-                           iters=8))
+                           *val, iters=8))
     assert "continuing at iteration 4" in capsys.readouterr().err
     assert run.iteration == 8 and run.model.config["n_feats"] == 8  # architecture from the JSON
     assert run.cfg["lr"] == 3e-4 and run.cfg["lr_schedule"] == "cosine"  # the recorded recipe
@@ -411,6 +430,8 @@ def test_init_continues_step_count_recipe_and_architecture(data, tmp_path, capsy
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(last)
     meta = models.load(tmp_path / "second").meta
     assert meta["iterations"] == 8 and meta["parent"]["iterations"] == 4 and meta["parent"]["continued"]
+    # the validation curve goes on from the parent's, which the parent record does not repeat
+    assert [v["iteration"] for v in meta["validation"]] == [2, 4, 6, 8] and "validation" not in meta["parent"]
 
 
 def test_init_at_another_scale_loads_the_body_and_starts_anew(data, tmp_path, capsys):

@@ -1,0 +1,47 @@
+"""The shipped weights: complete metadata, small files, a CNN twin for every adder model,
+and recorded Set5 scores that the evaluation protocol reproduces."""
+
+from pathlib import Path
+
+import pytest
+
+from addersr import models
+from addersr.eval import evaluate
+
+SHIPPED = models.list_weights()
+SET5 = Path(models.__file__).resolve().parent.parent / "assets" / "Set5"
+pytestmark = pytest.mark.skipif(not SHIPPED, reason="no shipped weights")
+
+
+def _names():
+    return [path.stem for path, _ in SHIPPED]
+
+
+@pytest.mark.parametrize("path, meta", SHIPPED, ids=_names())
+def test_metadata_and_size(path, meta):
+    for key in ("model", "scale", "op", "config", "iterations", "seconds", "device", "train_sets",
+                "recipe"):
+        assert meta.get(key) not in (None, ""), key
+    assert meta["metrics"]["Set5"]["iteration"] == meta["iterations"]  # scored as shipped
+    for suffix in (".safetensors", ".json"):
+        assert path.with_suffix(suffix).stat().st_size < 20e6
+    if int(meta["scale"]) != 2:  # x3 and x4 start from the x2 body
+        assert meta["parent"]["scale"] == 2 and meta["parent"]["weights"] in _names()
+
+
+def test_every_adder_model_has_its_cnn_twin():
+    key = lambda m: (m["model"], int(m["scale"]), m["config"])  # noqa: E731
+    cnn = [key(m) for _, m in SHIPPED if m["op"] == "conv"]
+    assert all(key(m) in cnn for _, m in SHIPPED if m["op"] == "adder")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("path, meta", SHIPPED, ids=_names())
+def test_recorded_set5_score_is_reproduced(path, meta):
+    """The bench protocol on the copy of Set5 in the package gives the JSON's score."""
+    if not SET5.is_dir():
+        pytest.skip("the package's copy of Set5 is not here")
+    result = evaluate(models.load(path.with_suffix("")), SET5, int(meta["scale"]), device="cpu",
+                      progress=False)
+    assert result["psnr"] == pytest.approx(meta["metrics"]["Set5"]["psnr"], abs=2e-3)
+    assert result["ssim"] == pytest.approx(meta["metrics"]["Set5"]["ssim"], abs=2e-4)
