@@ -219,9 +219,8 @@ class Upscaler:
         meta = self.weights.get(name)
         if meta is None:
             return None
-        key = (meta["model"], int(meta["scale"]), meta.get("config") or {})
-        twins = [other for other, m in self.weights.items() if m["op"] != meta["op"]
-                 and (m["model"], int(m["scale"]), m.get("config") or {}) == key]
+        twins = [other for other, m in self.weights.items()
+                 if m["op"] != meta["op"] and models.twin_key(m) == models.twin_key(meta)]
         return min(twins) if twins else None
 
     def limit(self):
@@ -416,7 +415,6 @@ compare the network's enlargement with an ordinary (bicubic) one on the slider.
 PNG, JPEG, WebP, BMP or TIFF; gray, transparent and 16-bit pictures keep their kind. For
 the enlarged picture {limit}; pictures larger than {tile} pixels on a side are processed
 in pieces, with the same result."""
-
 
 
 def slider_label(up, name, compare=BICUBIC):

@@ -42,12 +42,11 @@ def total_seconds(meta, folder):
 def pairs(folder):
     """``[(adder_name, adder_meta, twin_name or None, twin_meta or None)]`` by scale."""
     found = {path.stem: meta for path, meta in models.list_weights(folder)}
-    key = lambda m: (m["model"], int(m["scale"]), tuple(sorted((m.get("config") or {}).items())))  # noqa: E731
-    twins = {key(m): n for n, m in found.items() if m["op"] == "conv"}
+    twins = {models.twin_key(m): n for n, m in found.items() if m["op"] == "conv"}
     out = []
     for name, meta in sorted(found.items(), key=lambda kv: (int(kv[1]["scale"]), kv[0])):
         if meta["op"] == "adder":
-            twin = twins.get(key(meta))
+            twin = twins.get(models.twin_key(meta))
             out.append((name, meta, twin, found.get(twin)))
     return out
 

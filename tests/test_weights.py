@@ -30,9 +30,8 @@ def test_metadata_and_size(path, meta):
 
 
 def test_every_adder_model_has_its_cnn_twin():
-    key = lambda m: (m["model"], int(m["scale"]), m["config"])  # noqa: E731
-    cnn = [key(m) for _, m in SHIPPED if m["op"] == "conv"]
-    assert all(key(m) in cnn for _, m in SHIPPED if m["op"] == "adder")
+    cnn = [models.twin_key(m) for _, m in SHIPPED if m["op"] == "conv"]
+    assert all(models.twin_key(m) in cnn for _, m in SHIPPED if m["op"] == "adder")
 
 
 @pytest.mark.usefixtures("one_thread")

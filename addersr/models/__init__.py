@@ -14,7 +14,7 @@ after 16 blocks at initialisation; with 0.1 they stay ~1). Every model maps an R
 
 from .common import OPS, SCALES
 from .edsr import EDSR
-from .store import list_weights, load, read, save, weights_dir
+from .store import list_weights, load, read, save, twin_key, weights_dir
 from .trace import receptive_radius
 from .vdsr import VDSR
 

@@ -18,7 +18,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..files import atomic_write
 
-__all__ = ["FORMAT_VERSION", "list_weights", "load", "read", "save", "weights_dir"]
+__all__ = ["FORMAT_VERSION", "list_weights", "load", "read", "save", "twin_key", "weights_dir"]
 
 FORMAT = "addersr"
 FORMAT_VERSION = 1
@@ -218,3 +218,7 @@ def list_weights(folder=None):
         found.append((st_path, info))
     return found
 
+
+def twin_key(meta):
+    """What twins share (model, scale, architecture); they differ in ``op`` (adder vs conv)."""
+    return meta["model"], int(meta["scale"]), tuple(sorted((meta.get("config") or {}).items()))
