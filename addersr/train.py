@@ -68,6 +68,8 @@ COMMON = dict(lr=1e-4, iters=300_000, lr_schedule="step", lr_step=200_000, lr_ga
 ADDER_BASE = dict(eta=0.2, adder_lr=1.0, adder_init=1.0, bn_momentum=0.1, power_init=1.0, power_learn=True)
 # The adder recipe: ADDER_BASE changed by what benchmarks/recipe.py measured (docs/training.md).
 ADDER_RECIPE = dict(ADDER_BASE, optimizer="sgd", lr=0.02)
+# --optimizer sgd+adam: Adam's rate for the parameters that are not adder weights (the CNN twins').
+OTHER_LR = 2e-4
 RECIPES = {
     "edsr": dict(patch=48, batch=16),
     "edsr-baseline": dict(patch=48, batch=16),
@@ -78,7 +80,7 @@ RUN_OPTIONS = ("iters", "out", "val_every", "val_data", "ckpt_every", "export", 
                "device", "data_root", "time_limit")
 # What defines a training run: recorded in exports as "recipe", continued by --init.
 RECIPE_KEYS = ("lr", "iters", "lr_schedule", "lr_step", "lr_gamma", "warmup", "optimizer", "clip_grad",
-               "patch", "batch", "train_sets", "seed", "eta", "adder_lr", "adder_init", "bn_momentum",
+               "patch", "batch", "train_sets", "seed", "eta", "adder_lr", "other_lr", "adder_init", "bn_momentum",
                "power_init", "power_learn", "teacher", "distill", "distill_features")
 
 
@@ -108,9 +110,13 @@ def parse_args(argv=None):
     p.add_argument("--lr-step", type=int, default=None, help="iterations between halvings (default 200000)")
     p.add_argument("--warmup", type=int, default=None,
                    help="iterations of linear learning-rate warm-up (default 0)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
-                   help="adam (0.9, 0.999, eps 1e-8; default for CNNs) or sgd (momentum 0.9, AdderNet's own; "
-                        "default for adder models)")
+    p.add_argument("--optimizer", choices=["adam", "sgd", "sgd+adam"], default=None,
+                   help="adam (0.9, 0.999, eps 1e-8; default for CNNs), sgd (momentum 0.9, AdderNet's own) "
+                        "or sgd+adam (adder models: SGD for the adder weights, Adam at --other-lr for "
+                        "every other parameter)")
+    p.add_argument("--other-lr", type=float, default=None,
+                   help="with sgd+adam: Adam's learning rate for the parameters that are not adder "
+                        "weights (default 2e-4, the CNN twins')")
     p.add_argument("--clip-grad", type=float, default=None,
                    help="clip the gradient norm of all parameters to this value (default 0: off)")
     adder = p.add_argument_group("adder layers (ignored for --op conv; defaults: ADDER_RECIPE, docs/training.md)")
@@ -219,6 +225,10 @@ def _config(args, error, init=None):
     if cfg["patch"] is None:
         from .data.patches import vdsr_patch
         cfg["patch"] = vdsr_patch(cfg["scale"])
+    if cfg["optimizer"] != "sgd+adam":
+        cfg["other_lr"] = None  # not used (not even when a continued run had it)
+    elif cfg["other_lr"] is None:
+        cfg["other_lr"] = OTHER_LR
     if cfg["op"] == "conv":  # adder-only options do not apply to a CNN
         cfg.update({k: None for k in ADDER_BASE})
         cfg["eta"] = 0.0
@@ -240,7 +250,9 @@ def _check_config(cfg, error):
     for key in ("val_every", "ckpt_every", "workers", "warmup"):
         if cfg[key] is not None and cfg[key] < 0:
             error(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
-    for key in ("lr", "adder_lr", "adder_init", "power_init", "time_limit"):
+    if cfg["optimizer"] == "sgd+adam" and cfg["op"] != "adder":
+        error("--optimizer sgd+adam is for adder models (it needs adder weights)")
+    for key in ("lr", "other_lr", "adder_lr", "adder_init", "power_init", "time_limit"):
         value = cfg.get(key)
         if value is not None and not (value > 0 and math.isfinite(value)):
             error(f"--{key.replace('_', '-')} must be a positive number, got {value}")
@@ -374,13 +386,46 @@ def lr_factor(cfg, iteration):
     return cfg["lr_gamma"] ** (iteration // cfg["lr_step"])
 
 
+class _Optimizers:
+    """Several optimizers stepped as one: their groups, steps and states together."""
+
+    def __init__(self, **parts):
+        self.parts = parts
+
+    @property
+    def param_groups(self):
+        return [group for opt in self.parts.values() for group in opt.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for opt in self.parts.values():
+            opt.step()
+
+    def state_dict(self):
+        return {name: opt.state_dict() for name, opt in self.parts.items()}
+
+    def load_state_dict(self, state):
+        for name, opt in self.parts.items():
+            opt.load_state_dict(state[name])
+
+
 def _optimizer(model, cfg):
-    """Adam or SGD; the adder weights in their own group at ``adder_lr`` times the rate.
-    Each group keeps its initial rate as ``base_lr`` (the schedule multiplies it)."""
+    """Adam, SGD or both (sgd+adam: SGD for the adder weights, Adam at ``other_lr`` for the
+    rest); the adder weights in their own group at ``adder_lr`` times the rate. Each group
+    keeps its initial rate as ``base_lr`` (the schedule multiplies it)."""
     from .nn import adder_weights
     adder = adder_weights(model) if cfg["op"] == "adder" else []
     ids = {id(p) for p in adder}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    if cfg["optimizer"] == "sgd+adam":
+        sgd = torch.optim.SGD([{"params": adder, "base_lr": cfg["lr"] * cfg["adder_lr"], "name": "adder"}],
+                              lr=cfg["lr"], momentum=0.9)
+        adam = torch.optim.Adam([{"params": rest, "base_lr": cfg["other_lr"], "name": "other"}],
+                                lr=cfg["other_lr"], betas=(0.9, 0.999), eps=1e-8)
+        return _Optimizers(sgd=sgd, adam=adam)
     groups = [{"params": rest, "base_lr": cfg["lr"], "name": "other"}]
     if adder:
         groups.append({"params": adder, "base_lr": cfg["lr"] * cfg["adder_lr"], "name": "adder"})
@@ -705,6 +750,8 @@ def _apply_init(model, cfg, info, tensors, error):
               "op": info["op"], "config": info["config"], "iterations": int(info.get("iterations") or 0),
               "seconds": float(info.get("seconds") or 0.0), "continued": continued,
               "loaded": len(matched), "of": len(own)}
+    if info.get("recipe"):  # how the parent was trained, when the run changes it
+        record["recipe"] = info["recipe"]
     if continued and isinstance(info.get("validation"), list):
         record["validation"] = info["validation"]  # taken over by the run, not kept in the record
     return record

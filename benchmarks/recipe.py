@@ -73,6 +73,8 @@ VARIANTS = [
     ("sgd-distill", "sgd", ["--teacher", "{cnn}", "--distill", "1"], "sgd + output distillation from the CNN twin"),
     ("sgd-distill-feat", "sgd", ["--teacher", "{cnn}", "--distill", "1", "--distill-features", "1"],
      "sgd + output and block-feature distillation"),
+    ("sgd-adam", "sgd", ["--optimizer", "sgd+adam", "--lr", "0.02", "--other-lr", "2e-4"],
+     "sgd lr 0.02 for the adder weights, Adam 2e-4 (the CNN's) for the rest"),
     ("recipe", "recipe", [], "the trainer's default adder recipe (ADDER_RECIPE)"),
 ]
 

@@ -6,6 +6,7 @@ written to a temporary folder; with ADDERSR_SCREENSHOT=1 it is also written to
 ``docs/app.png`` for the README, using the shipped weights when there are any.
 """
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -29,11 +30,27 @@ pytestmark = [
 ]
 
 
+@contextlib.contextmanager
+def _page(url):
+    """A page of headless chromium opened at ``url``; the browser is closed afterwards."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
 @pytest.fixture
-def served(tmp_path):
+def served(tmp_path, request):
+    """The demo on a free port: on test weights, or for the README's screenshot
+    (ADDERSR_SCREENSHOT=1, the test that takes it) on the shipped ones."""
     from addersr import models
 
-    screenshot = bool(os.environ.get("ADDERSR_SCREENSHOT"))
+    screenshot = bool(os.environ.get("ADDERSR_SCREENSHOT")) and request.node.name == "test_upload_upscale_compare"
     weights = None if screenshot and models.list_weights() else make_weights(tmp_path / "w")
     demo = app.build_demo(weights_dir=weights, device="cpu")
     port = free_port()
@@ -43,7 +60,6 @@ def served(tmp_path):
 
 
 def test_upload_upscale_compare(served, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
     url, upscaler = served
     # a Set5 image, halved: the kind of input the demo is for
     with Image.open(ROOT / "addersr" / "assets" / "Set5" / "butterfly.png") as im:
@@ -51,33 +67,27 @@ def test_upload_upscale_compare(served, tmp_path):
     lr.save(tmp_path / "butterfly_lr.png")
     scale = int(upscaler.weights[upscaler.default()]["scale"])
 
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            page.locator("#input-image input[type=file]").set_input_files(
-                str(tmp_path / "butterfly_lr.png"))
-            page.wait_for_selector("#input-image img", timeout=30_000)
-            page.click("#upscale-button")
-            page.wait_for_function(
-                """() => {
-                    const imgs = [...document.querySelectorAll('#comparison img')];
-                    return imgs.length >= 2 && imgs.every(i => i.complete && i.naturalWidth > 0);
-                }""", timeout=120_000)
-            sizes = page.eval_on_selector_all(
-                "#comparison img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
-            stats = page.inner_text("#stats")
-            # the displayed PNG itself, fetched from the page's own URL
-            src = page.eval_on_selector_all("#comparison img", "els => els.map(e => e.src)")[-1]
-            body = page.request.get(src).body()
-            page.wait_for_timeout(500)  # let the slider settle before the picture
-            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
-            if os.environ.get("ADDERSR_SCREENSHOT"):
-                (ROOT / "docs").mkdir(exist_ok=True)
-                page.screenshot(path=str(ROOT / "docs" / "app.png"), full_page=True)
-        finally:
-            browser.close()
+    with _page(url) as page:
+        page.locator("#input-image input[type=file]").set_input_files(
+            str(tmp_path / "butterfly_lr.png"))
+        page.wait_for_selector("#input-image img", timeout=30_000)
+        page.click("#upscale-button")
+        page.wait_for_function(
+            """() => {
+                const imgs = [...document.querySelectorAll('#comparison img')];
+                return imgs.length >= 2 && imgs.every(i => i.complete && i.naturalWidth > 0);
+            }""", timeout=120_000)
+        sizes = page.eval_on_selector_all(
+            "#comparison img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+        stats = page.inner_text("#stats")
+        # the displayed PNG itself, fetched from the page's own URL
+        src = page.eval_on_selector_all("#comparison img", "els => els.map(e => e.src)")[-1]
+        body = page.request.get(src).body()
+        page.wait_for_timeout(500)  # let the slider settle before the picture
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        if os.environ.get("ADDERSR_SCREENSHOT"):
+            (ROOT / "docs").mkdir(exist_ok=True)
+            page.screenshot(path=str(ROOT / "docs" / "app.png"), full_page=True)
 
     assert sizes and all(s == [128 * scale, 128 * scale] for s in sizes), sizes
     assert f"{128 * scale}x{128 * scale}" in stats
@@ -87,11 +97,10 @@ def test_upload_upscale_compare(served, tmp_path):
         assert np.asarray(shown).std() > 0  # a real picture, not a blank
 
 
-def test_page_checks_uploads_labels_and_busy_button(served, tmp_path):
+def test_page_checks_uploads_labels_and_busy_button(served, tmp_path, monkeypatch):
     """The page fixes: no one-choice scale control, limits for the shipped scales, labelled
     slider halves, a preview model said to be one, a non-image refused on upload, the
     button off while a request runs, and the result shown once (plus a download)."""
-    sync_api = pytest.importorskip("playwright.sync_api")
     url, upscaler = served
     name = upscaler.default()
     scale = int(upscaler.weights[name]["scale"])
@@ -102,57 +111,49 @@ def test_page_checks_uploads_labels_and_busy_button(served, tmp_path):
         time.sleep(2)
         return forward(x)
 
-    model.forward = slow_forward
+    monkeypatch.setattr(model, "forward", slow_forward)  # undone after the test
     (tmp_path / "notes.png").write_bytes(b"my shopping list, not a picture")
     Image.new("RGB", (40, 30), (50, 100, 150)).save(tmp_path / "ok.png")
     button = "document.querySelector('#upscale-button').disabled"
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            page.wait_for_selector("#upscale-button", timeout=60_000)
-            text = page.inner_text("body")
-            assert page.is_disabled("#upscale-button")  # nothing to upscale yet
-            assert not page.locator("#scale").is_visible()  # one scale: nothing to choose
-            assert f"at x{scale})" in text and "x4" not in text
-            slider = page.inner_text("#comparison")
-            assert "Left: ordinary enlargement (bicubic)" in slider and "Right: AdderSR" in slider
-            note = page.inner_text("#model-note")
-            if app.is_preview(upscaler.weights[name]):  # the shipped model's own note
-                assert "Preview model, at about bicubic quality" in note
-            else:
-                assert note.startswith("Quality:") and "Preview" not in note
+    with _page(url) as page:
+        page.wait_for_selector("#upscale-button", timeout=60_000)
+        text = page.inner_text("body")
+        assert page.is_disabled("#upscale-button")  # nothing to upscale yet
+        assert not page.locator("#scale").is_visible()  # one scale: nothing to choose
+        assert f"at x{scale})" in text and "x4" not in text
+        slider = page.inner_text("#comparison")
+        assert "Left: ordinary enlargement (bicubic)" in slider and "Right: AdderSR" in slider
+        note = page.inner_text("#model-note")
+        if app.is_preview(upscaler.weights[name]):  # the shipped model's own note
+            assert "Preview model, at about bicubic quality" in note
+        else:
+            assert note.startswith("Quality:") and "Preview" not in note
 
-            page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "notes.png"))
-            page.wait_for_selector("text=notes.png is not an image this app can read",
-                                   timeout=30_000)  # refused before Upscale is pressed
-            assert page.is_disabled("#upscale-button")
+        page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "notes.png"))
+        page.wait_for_selector("text=notes.png is not an image this app can read",
+                               timeout=30_000)  # refused before Upscale is pressed
+        assert page.is_disabled("#upscale-button")
 
-            page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "ok.png"))
-            page.wait_for_function(f"() => !{button}", timeout=30_000)
-            page.click("#upscale-button")
-            page.wait_for_function(f"() => {button}", timeout=10_000)  # off while it runs
-            page.wait_for_function(
-                """() => [...document.querySelectorAll('#comparison img')]
-                         .filter(i => i.complete && i.naturalWidth > 0).length >= 2""",
-                timeout=120_000)
-            page.wait_for_function(f"() => !{button}", timeout=30_000)  # on again
-            shown = page.eval_on_selector_all(
-                "img", f"els => els.filter(e => e.naturalWidth == {40 * scale}).length")
-            label = page.inner_text("#result")
-            links = page.eval_on_selector_all("#result a",
-                                              "els => els.map(e => decodeURIComponent(e.href))")
-        finally:
-            browser.close()
-            model.forward = forward
+        page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "ok.png"))
+        page.wait_for_function(f"() => !{button}", timeout=30_000)
+        page.click("#upscale-button")
+        page.wait_for_function(f"() => {button}", timeout=10_000)  # off while it runs
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('#comparison img')]
+                     .filter(i => i.complete && i.naturalWidth > 0).length >= 2""",
+            timeout=120_000)
+        page.wait_for_function(f"() => !{button}", timeout=30_000)  # on again
+        shown = page.eval_on_selector_all(
+            "img", f"els => els.filter(e => e.naturalWidth == {40 * scale}).length")
+        label = page.inner_text("#result")
+        links = page.eval_on_selector_all("#result a",
+                                          "els => els.map(e => decodeURIComponent(e.href))")
     assert shown == 2  # bicubic and the result, both in the slider; no second copy
     assert "Download" in label and any(u.endswith(f"ok_x{scale}_{name}.png") for u in links), links
 
 
 def test_compare_with_the_cnn_twin_on_the_page(served, tmp_path):
     """Choosing the twin renames the slider's halves and shows the twin's result on the left."""
-    sync_api = pytest.importorskip("playwright.sync_api")
     url, upscaler = served
     name = upscaler.default()
     twin = upscaler.twin(name)
@@ -161,25 +162,19 @@ def test_compare_with_the_cnn_twin_on_the_page(served, tmp_path):
     scale = int(upscaler.weights[name]["scale"])
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
         tmp_path / "ok.png")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            page.wait_for_selector("#compare", timeout=60_000)
-            page.locator("#compare").get_by_text("its CNN twin").click()
-            page.wait_for_function(
-                "() => document.querySelector('#comparison').innerText.includes('its CNN twin')",
-                timeout=30_000)
-            page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "ok.png"))
-            page.wait_for_function("() => !document.querySelector('#upscale-button').disabled",
-                                   timeout=30_000)
-            page.click("#upscale-button")
-            page.wait_for_function(
-                "() => document.querySelector('#stats').innerText.includes('Left of the slider')", timeout=120_000)
-            stats = page.inner_text("#stats")
-            srcs = page.eval_on_selector_all("#comparison img", "els => els.map(e => e.src)")
-        finally:
-            browser.close()
+    with _page(url) as page:
+        page.wait_for_selector("#compare", timeout=60_000)
+        page.locator("#compare").get_by_text("its CNN twin").click()
+        page.wait_for_function(
+            "() => document.querySelector('#comparison').innerText.includes('its CNN twin')",
+            timeout=30_000)
+        page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "ok.png"))
+        page.wait_for_function("() => !document.querySelector('#upscale-button').disabled",
+                               timeout=30_000)
+        page.click("#upscale-button")
+        page.wait_for_function(
+            "() => document.querySelector('#stats').innerText.includes('Left of the slider')", timeout=120_000)
+        stats = page.inner_text("#stats")
+        srcs = page.eval_on_selector_all("#comparison img", "els => els.map(e => e.src)")
     assert f"{40 * scale}x{30 * scale}" in stats and twin in stats
     assert any(f"ok_x{scale}_{twin}.png" in s for s in srcs), srcs

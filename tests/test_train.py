@@ -365,6 +365,42 @@ def test_adder_options_reach_model_and_optimizer(data, tmp_path):
         assert (now[k] - 0.1 * w0).abs().max().item() < 1.5 * 7e-3
 
 
+def test_sgd_adam_moves_adder_weights_by_sgd_and_the_rest_by_adam(data, tmp_path, capsys):
+    torch.manual_seed(0)
+    start = models.build("edsr-baseline", 2, op="adder", n_blocks=1, n_feats=8).state_dict()
+    torch.manual_seed(0)
+    run = train.main(_argv(data, tmp_path / "a", "--arch", "n_blocks=1", "n_feats=8", "--optimizer", "sgd+adam",
+                           "--lr", "1e-3", "--other-lr", "5e-3", "--eta", "0.2", "--power-learn", "no",
+                           "--export", str(tmp_path / "a.w"), iters=1))
+    groups = {g["name"]: g for g in run.optimizer.param_groups}
+    assert groups["adder"]["base_lr"] == pytest.approx(1e-3) and groups["other"]["base_lr"] == pytest.approx(5e-3)
+    assert models.load(tmp_path / "a.w").meta["recipe"]["other_lr"] == 5e-3
+    adder = {id(m.weight) for m in run.model.modules() if isinstance(m, Adder2d)}
+    moved_adder, moved_other = 0, 0
+    for name, p in run.model.named_parameters():
+        step = (p.detach() - start[name]).abs()
+        if id(p) in adder:  # one SGD step of the adaptive-rate gradient: rms lr * eta
+            assert step.pow(2).mean().sqrt().item() == pytest.approx(1e-3 * 0.2, rel=1e-4)
+            moved_adder += 1
+        elif step.max() > 0:  # Adam's first step: lr per parameter with a gradient
+            assert step.max().item() == pytest.approx(5e-3, rel=1e-3)
+            moved_other += 1
+    assert moved_adder == len(adder) and moved_other >= 4
+
+
+def test_sgd_adam_resumes_exactly_and_is_for_adder_models(data, tmp_path, capsys):
+    args = ("--optimizer", "sgd+adam", "--ckpt-every", "2")
+    straight = train.main(_argv(data, tmp_path / "a", *args, patch=4, iters=4))
+    assert straight.cfg["other_lr"] == train.OTHER_LR  # the CNN twins' Adam rate by default
+    train.main(_argv(data, tmp_path / "b", *args, patch=4, iters=2))
+    resumed = train.main(_argv(data, tmp_path / "b", "--resume", *args, patch=4, iters=4))
+    a, b = _params(straight.model), _params(resumed.model)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    with pytest.raises(SystemExit):
+        train.main(_argv(data, tmp_path / "c", "--optimizer", "sgd+adam", op="conv", iters=1))
+    assert "--optimizer sgd+adam is for adder models" in capsys.readouterr().err
+
+
 def test_conv_runs_ignore_adder_options_and_record_the_recipe(data, tmp_path):
     run = train.main(_argv(data, tmp_path / "c", "--adder-lr", "9", "--export", str(tmp_path / "c.w"), op="conv", iters=1))
     assert len(run.optimizer.param_groups) == 1
@@ -373,6 +409,7 @@ def test_conv_runs_ignore_adder_options_and_record_the_recipe(data, tmp_path):
     run = train.main(_argv(data, tmp_path / "a", "--export", str(tmp_path / "a.w"), iters=1))
     recipe = models.load(tmp_path / "a.w").meta["recipe"]
     assert {k: recipe[k] for k in train.ADDER_RECIPE} == train.ADDER_RECIPE
+    assert "other_lr" not in recipe  # sgd: Adam's rate does not apply
 
 
 def test_teacher_distillation_changes_training_and_checks_the_teacher(data, tmp_path, capsys):
@@ -422,7 +459,7 @@ def test_init_continues_step_count_recipe_and_architecture(data, tmp_path, capsy
     train.main(_argv(data, tmp_path / "a", "--arch", "n_blocks=1", "n_feats=8", "--lr", "3e-4",
                      "--lr-schedule", "cosine", "--export", str(first), *val, iters=4))
     run = train.main(_argv(data, tmp_path / "b", "--init", str(first), "--export", str(tmp_path / "second"),
-                           *val, iters=8))
+                           "--optimizer", "sgd+adam", *val, iters=8))
     assert "continuing at iteration 4" in capsys.readouterr().err
     assert run.iteration == 8 and run.model.config["n_feats"] == 8  # architecture from the JSON
     assert run.cfg["lr"] == 3e-4 and run.cfg["lr_schedule"] == "cosine"  # the recorded recipe
@@ -430,6 +467,9 @@ def test_init_continues_step_count_recipe_and_architecture(data, tmp_path, capsy
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(last)
     meta = models.load(tmp_path / "second").meta
     assert meta["iterations"] == 8 and meta["parent"]["iterations"] == 4 and meta["parent"]["continued"]
+    # a continuation that changes the optimiser: the parent record keeps how the parent trained
+    assert meta["recipe"]["optimizer"] == "sgd+adam" and meta["recipe"]["other_lr"] == train.OTHER_LR
+    assert meta["parent"]["recipe"]["optimizer"] == "sgd" and "other_lr" not in meta["parent"]["recipe"]
     # the validation curve goes on from the parent's, which the parent record does not repeat
     assert [v["iteration"] for v in meta["validation"]] == [2, 4, 6, 8] and "validation" not in meta["parent"]
 
