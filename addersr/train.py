@@ -420,18 +420,19 @@ def _optimizer(model, cfg):
     adder = adder_weights(model) if cfg["op"] == "adder" else []
     ids = {id(p) for p in adder}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    other = {"params": rest, "base_lr": cfg["lr"], "name": "other"}
+    groups = [{"params": adder, "base_lr": cfg["lr"] * cfg["adder_lr"], "name": "adder"}] if adder else []
+
+    def sgd(groups):
+        return torch.optim.SGD(groups, lr=groups[0]["base_lr"], momentum=0.9)
+
+    def adam(groups):
+        return torch.optim.Adam(groups, lr=groups[0]["base_lr"], betas=(0.9, 0.999), eps=1e-8)
+
     if cfg["optimizer"] == "sgd+adam":
-        sgd = torch.optim.SGD([{"params": adder, "base_lr": cfg["lr"] * cfg["adder_lr"], "name": "adder"}],
-                              lr=cfg["lr"], momentum=0.9)
-        adam = torch.optim.Adam([{"params": rest, "base_lr": cfg["other_lr"], "name": "other"}],
-                                lr=cfg["other_lr"], betas=(0.9, 0.999), eps=1e-8)
-        return _Optimizers(sgd=sgd, adam=adam)
-    groups = [{"params": rest, "base_lr": cfg["lr"], "name": "other"}]
-    if adder:
-        groups.append({"params": adder, "base_lr": cfg["lr"] * cfg["adder_lr"], "name": "adder"})
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=0.9)
-    return torch.optim.Adam(groups, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8)
+        return _Optimizers(sgd=sgd(groups), adam=adam([dict(other, base_lr=cfg["other_lr"])]))
+    groups = [other] + groups
+    return sgd(groups) if cfg["optimizer"] == "sgd" else adam(groups)
 
 
 @torch.no_grad()
