@@ -15,11 +15,11 @@ function of (seed, r, i) only (see :mod:`addersr.data.patches`), so data order s
 resume and does not depend on ``--workers``.
 
 Adder models train with the adder recipe (``ADDER_RECIPE``; the evidence is in
-docs/training.md): SGD with momentum 0.9 at lr 0.02 and AdderNet's adaptive rate, which
+docs/training.md): SGD with momentum 0.9 at lr 0.08 and AdderNet's adaptive rate, which
 gives the adder weights the step size they need (Adam at the CNN's rate moves them ~100x
-too slowly). Options of adder layers alone: the adder weights' own learning rate
-(``--adder-lr``, a multiple of ``--lr``) and initial scale (``--adder-init``), BN momentum
-and the power activations' start and learning. ``--teacher WEIGHTS`` adds distillation from a trained model
+too slowly; larger rates fall behind early and end ahead). Options of adder layers alone:
+the adder weights' own learning rate (``--adder-lr``, a multiple of ``--lr``) and initial
+scale (``--adder-init``), BN momentum and the power activations' start and learning. ``--teacher WEIGHTS`` adds distillation from a trained model
 of the same scale (an output-level L1 loss, ``--distill``, and optionally one on the
 outputs of the body's blocks, ``--distill-features``). The whole recipe is recorded in the
 exported JSON (``recipe``).
@@ -67,7 +67,7 @@ COMMON = dict(lr=1e-4, iters=300_000, lr_schedule="step", lr_step=200_000, lr_ga
 # Options of adder layers. CNN twins keep the published recipe (these do not apply to them).
 ADDER_BASE = dict(eta=0.2, adder_lr=1.0, adder_init=1.0, bn_momentum=0.1, power_init=1.0, power_learn=True)
 # The adder recipe: ADDER_BASE changed by what benchmarks/recipe.py measured (docs/training.md).
-ADDER_RECIPE = dict(ADDER_BASE, optimizer="sgd", lr=0.02)
+ADDER_RECIPE = dict(ADDER_BASE, optimizer="sgd", lr=0.08)
 # --optimizer sgd+adam: Adam's rate for the parameters that are not adder weights (the CNN twins').
 OTHER_LR = 2e-4
 RECIPES = {
@@ -103,7 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--patch", type=int, default=None, help="LR patch size (edsr 48, vdsr ceil(41/scale))")
     p.add_argument("--batch", type=int, default=None, help="patches per batch and process (edsr 16, vdsr 64)")
     p.add_argument("--iters", type=int, default=None, help="total iterations (default 300000)")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-4; adder models 0.02, see ADDER_RECIPE)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-4; adder models 0.08, see ADDER_RECIPE)")
     p.add_argument("--lr-schedule", choices=["step", "cosine"], default=None,
                    help="step: x0.5 every --lr-step iterations; cosine: to 0 over --iters (default "
                         "step; on --resume the schedule of the checkpoint continues)")

@@ -60,6 +60,8 @@ VARIANTS = [
      "AdderNet's own recipe: SGD (momentum 0.9, lr 0.01) with the adaptive rate"),
     ("sgd-lr-0.02", "sgd", ["--lr", "0.02"], "sgd, lr 0.02"),
     ("sgd-lr-0.04", "sgd", ["--lr", "0.04"], "sgd, lr 0.04"),
+    ("sgd-lr-0.08", "sgd", ["--lr", "0.08"], "sgd, lr 0.08"),
+    ("sgd-lr-0.16", "sgd", ["--lr", "0.16"], "sgd, lr 0.16"),
     ("sgd-lr-0.005", "sgd", ["--lr", "0.005"], "sgd, lr 0.005"),
     ("sgd-eta-0.1", "sgd", ["--eta", "0.1"], "sgd, adaptive rate eta 0.1"),
     ("sgd-eta-0.4", "sgd", ["--eta", "0.4"], "sgd, adaptive rate eta 0.4"),
