@@ -19,8 +19,8 @@ docs/training.md): SGD with momentum 0.9 at lr 0.08 and AdderNet's adaptive rate
 gives the adder weights the step size they need (Adam at the CNN's rate moves them ~100x
 too slowly; larger rates fall behind early and end ahead). Options of adder layers alone:
 the adder weights' own learning rate (``--adder-lr``, a multiple of ``--lr``) and initial
-scale (``--adder-init``), BN momentum and the power activations' start and learning. ``--teacher WEIGHTS`` adds distillation from a trained model
-of the same scale (an output-level L1 loss, ``--distill``, and optionally one on the
+scale (``--adder-init``), BN momentum and the power activations' start and learning.
+``--teacher WEIGHTS`` adds distillation from a trained model of the same scale (an output-level L1 loss, ``--distill``, and optionally one on the
 outputs of the body's blocks, ``--distill-features``). The whole recipe is recorded in the
 exported JSON (``recipe``).
 
