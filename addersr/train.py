@@ -20,9 +20,9 @@ gives the adder weights the step size they need (Adam at the CNN's rate moves th
 too slowly; larger rates fall behind early and end ahead). Options of adder layers alone:
 the adder weights' own learning rate (``--adder-lr``, a multiple of ``--lr``) and initial
 scale (``--adder-init``), BN momentum and the power activations' start and learning.
-``--teacher WEIGHTS`` adds distillation from a trained model of the same scale (an output-level L1 loss, ``--distill``, and optionally one on the
-outputs of the body's blocks, ``--distill-features``). The whole recipe is recorded in the
-exported JSON (``recipe``).
+``--teacher WEIGHTS`` adds distillation from a trained model of the same scale (an
+output-level L1 loss, ``--distill``, and optionally one on the outputs of the body's blocks,
+``--distill-features``). The whole recipe is recorded in the exported JSON (``recipe``).
 
 A lease-sized run: ``--time-limit MINUTES`` stops cleanly at the deadline (checkpoint and
 export included); ``--init WEIGHTS`` starts from exported weights, loading every tensor whose
