@@ -42,6 +42,7 @@ from PIL import Image  # noqa: E402
 
 from addersr import models  # noqa: E402
 from addersr.data import imresize  # noqa: E402
+from addersr.device import resolve  # noqa: E402
 from addersr.energy import count_ops  # noqa: E402
 from addersr.eval import evaluate  # noqa: E402
 from addersr.images import (ImageError, ImageTooLarge, check_size, image_size,  # noqa: E402
@@ -179,12 +180,8 @@ class Upscaler:
     """
 
     def __init__(self, weights_dir=None, device="auto", temp_dir=None):
-        import torch
-
         self.weights_dir = Path(weights_dir) if weights_dir else models.weights_dir()
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = str(torch.device(device))
+        self.device = str(resolve(device))
         self.weights = {path.stem: meta for path, meta in models.list_weights(self.weights_dir)}
         self.scratch = Path(tempfile.mkdtemp(prefix="addersr-app-", dir=temp_dir))
         weakref.finalize(self, shutil.rmtree, self.scratch, True)

@@ -15,8 +15,6 @@ Examples::
 import argparse
 import csv
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .device import DeviceError, describe, resolve
 from .data import dataset_root, find_datasets, list_images
 from .data.datasets import BENCHMARK_SETS
 from .eval import evaluate, load_images
@@ -34,21 +33,6 @@ FIELDS = ("model", "op", "weights", "dataset", "scale", "images", "unreadable", 
           "lpips", "seconds_per_image", "params", "mults", "adds", "energy_mj")
 METHOD = {None: "-", "conv": "CNN", "adder": "AdderNet"}
 TABLE_SIZE = (720, 1280)  # output size for the table's operation and energy columns
-
-
-def device_name(device):
-    """A human description of ``device``, e.g. ``cuda:0 (NVIDIA H100)`` or ``cpu (..., 2 cores)``."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{device.type} ({cpu}, {os.cpu_count()} cores)"
 
 
 class Job:
@@ -207,7 +191,7 @@ def _parser():
     p.add_argument("--scales", nargs="+", type=int, choices=[2, 3, 4], help="default 2 3 4 (weights: their own)")
     p.add_argument("--data-root", help="folder whose sub-folders are the datasets "
                    "(default: $ADDERSR_DATA/benchmark, else the shipped Set5)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
     p.add_argument("--tile", type=int, help="tile size in LR pixels, at least 64 (exact tiling: "
                    "overlap = receptive field)")
@@ -230,11 +214,9 @@ def main(argv=None):
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be positive")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        parser.error(f"bad --device {args.device!r}: {err}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
+        device = resolve(args.device)
+    except DeviceError as err:
+        parser.error(str(err))
     try:
         root = dataset_root(args.data_root)
     except FileNotFoundError as err:
@@ -273,7 +255,7 @@ def main(argv=None):
                     parser.error(str(err))
 
     started = time.perf_counter()
-    dev = device_name(device)
+    dev = describe(device)
     print(f"device: {dev}\ndata root: {root}", file=sys.stderr)
     steps = sum(len(j.scales) for j in jobs) * len(names)
     results, incomplete = [], {}

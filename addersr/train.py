@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .device import DeviceError, hardware, resolve
 from .files import atomic_write
 from .models.common import rgb_to_ycbcr
 from .nn import rescale_adder_grads
@@ -697,7 +698,7 @@ class _Run:
         meta = {"iterations": self.iteration, "train_sets": list(cfg["train_sets"]),
                 "patch": cfg["patch"], "batch": cfg["batch"], "processes": self.world,
                 "lr": cfg["lr"], "eta": cfg["eta"], "seed": cfg["seed"],
-                "seconds": round(self.seconds, 1), "device": _device_name(self.device),
+                "seconds": round(self.seconds, 1), "device": hardware(self.device),
                 "recipe": {k: cfg[k] for k in RECIPE_KEYS if cfg.get(k) is not None
                            and (cfg["teacher"] or k not in ("distill", "distill_features"))}}
         if self.init:
@@ -714,14 +715,6 @@ class _Run:
 
 def _finite(model):
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
-
-
-def _device_name(device):
-    """``NVIDIA H200`` for a GPU; ``cpu (MODEL, N cores)`` for the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from .bench import device_name
-    return device_name(device)
 
 
 def _read_init(name, error):
@@ -773,18 +766,6 @@ def _check_teacher_features(run, error):
               f"{student[0].shape[1] if student else 0}; they must match")
 
 
-def _resolve_device(cfg, error):
-    try:
-        device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        error(f"bad --device: {err}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        error(f"--device {cfg['device']}: no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        error(f"--device {cfg['device']}: there are {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
 def main(argv=None):
     """Command-line entry point; returns the process's ``_Run`` (its ``model`` is trained)."""
     started = time.monotonic()
@@ -820,7 +801,10 @@ def main(argv=None):
         error(str(err))
     if val_folder is not None and not val_folder.is_dir():
         error(f"validation folder not found: {val_folder}")
-    device = _resolve_device(cfg, error)
+    try:
+        device = resolve(cfg["device"])
+    except DeviceError as err:
+        error(str(err))
     rank, world, device = _setup_distributed(device)
     deadline = started + 60 * cfg["time_limit"] if cfg["time_limit"] else None
     try:

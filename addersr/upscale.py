@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .device import DeviceError, resolve
 from .files import OutputError, prepare_output_dir, reason
 from .images import ImageError, ImageTooLarge, check_size, load_image, save_png
 from .inference import MIN_TILE, check_tile, upscale
@@ -66,14 +67,6 @@ def _expand(inputs):
                 seen.add(key)
                 files.append(p)
     return files, missing
-
-
-def _resolve_device(device):
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _load_model(weights, device):
@@ -155,7 +148,12 @@ def main(argv=None):
         print(f"error: -o: {err}", file=sys.stderr)
         return 2
     try:
-        model = _load_model(args.weights, _resolve_device(args.device))
+        device = resolve(args.device)
+    except DeviceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        model = _load_model(args.weights, device)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: cannot load weights: {err}", file=sys.stderr)
         return 2

@@ -241,12 +241,12 @@ def sanity_check(device):
 # --- report ---------------------------------------------------------------------------------
 
 def machine(device):
+    from addersr.device import hardware
+
     lines = [f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.system()}"]
     if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}")
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
-    lines.append(f"- CPU: {model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}")
+        lines.append(f"- GPU: {hardware(device)}")
+    lines.append(f"- CPU: {hardware('cpu')}, torch threads {torch.get_num_threads()}")
     try:
         import numba
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from addersr import train
-from addersr.bench import device_name
+from addersr.device import describe as device_name
 from addersr.eval import evaluate
 from addersr.files import atomic_write
 

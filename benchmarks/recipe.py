@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from addersr import train
-from addersr.bench import device_name
+from addersr.device import describe as device_name
 from addersr.nn import Adder2d
 from addersr.eval import evaluate
 

@@ -13,7 +13,6 @@ and the median forward pass alone (no_grad, eval mode) of the same batch.
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from addersr.device import hardware, resolve
 from addersr.models import build
 from addersr.nn import rescale_adder_grads
 from addersr.ops import resolve_backend
@@ -28,17 +28,9 @@ from addersr.ops import resolve_backend
 
 def machine(device):
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+        return f"{hardware(device)} (CUDA {torch.version.cuda})"
     load = ", load average {:.1f}".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
-    return f"{name}, {torch.get_num_threads()} threads{load}"
+    return f"{hardware(device)}, {torch.get_num_threads()} threads{load}"
 
 
 def _sync(device):
@@ -86,7 +78,7 @@ def time_model(op, args, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda")
     parser.add_argument("--batch", type=int, default=None, help="LR patches per batch (16 on GPU, 2 on CPU)")
     parser.add_argument("--patch", type=int, default=48, help="LR patch side (default 48)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
@@ -94,7 +86,7 @@ def main(argv=None):
     parser.add_argument("--backend", default=None, help="adder backend (default: fastest available)")
     parser.add_argument("--out", default=None, help="markdown report (default benchmarks/results/train_step_<device>.md)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve(args.device)
     if args.batch is None:
         args.batch = 16 if device.type == "cuda" else 2
     backend = resolve_backend(device, args.backend)
