@@ -23,6 +23,8 @@ import gradio as gr  # noqa: E402
 
 from addersr import models  # noqa: E402
 from addersr.data import imresize  # noqa: E402
+from addersr.demo import (Cancelled, Catalogue, Refused, Upscaler, catalogue, checks,  # noqa: E402
+                          service)
 from addersr.energy import count_ops  # noqa: E402
 from addersr.images import load_image, save_png  # noqa: E402
 
@@ -68,7 +70,13 @@ def weights_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def upscaler(weights_dir):
-    return app.Upscaler(weights_dir, device="cpu")
+    return Upscaler(weights_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def handle(upscaler):
+    """The page's ``/upscale`` handler on the service, as the server calls it."""
+    return app.handler(upscaler)
 
 
 def _expected_rgb(weights_dir, name, rgb_uint8):
@@ -93,20 +101,20 @@ class Recorder:
 # ----------------------------------------------------------------------- handler, directly
 
 def test_lists_weights_with_labels(upscaler):
-    assert upscaler.scales() == [2]
-    labels = dict((name, label) for label, name in upscaler.choices(2))
+    assert upscaler.catalogue.scales() == [2]
+    labels = dict((name, label) for label, name in upscaler.catalogue.choices(2))
     assert set(labels) == {"edsr-baseline_x2_adder", "edsr-baseline_x2_conv", "vdsr_x2_adder"}
     assert "Set5 30.50 dB" in labels["edsr-baseline_x2_adder"] and "AdderSR" in labels[
         "edsr-baseline_x2_adder"]
     assert "CNN" in labels["edsr-baseline_x2_conv"] and "dB" not in labels["edsr-baseline_x2_conv"]
-    assert upscaler.choices(3) == []
+    assert upscaler.catalogue.choices(3) == []
 
 
-def test_rgb_matches_model_and_bicubic(tmp_path, upscaler, weights_dir):
+def test_rgb_matches_model_and_bicubic(tmp_path, handle, weights_dir):
     rgb = np.random.default_rng(0).integers(0, 256, (11, 14, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "photo.png")
     name = "edsr-baseline_x2_adder"
-    out, (bic, out2), stats = upscaler(str(tmp_path / "photo.png"), name, 0, progress=Recorder())
+    out, (bic, out2), stats = handle(str(tmp_path / "photo.png"), name, 0, progress=Recorder())
     assert out == out2 and Path(out).name == f"photo_x2_{name}.png"
     with Image.open(out) as im:
         assert im.mode == "RGB" and im.size == (28, 22)
@@ -124,7 +132,7 @@ def test_rgb_matches_model_and_bicubic(tmp_path, upscaler, weights_dir):
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "I;16", "RGB16"])
-def test_modes_are_kept(tmp_path, upscaler, mode):
+def test_modes_are_kept(tmp_path, handle, mode):
     rng = np.random.default_rng(1)
     path = tmp_path / "img.png"
     if mode == "RGB16":
@@ -135,7 +143,7 @@ def test_modes_are_kept(tmp_path, upscaler, mode):
         channels = {"L": 1, "LA": 2, "RGBA": 4}[mode]
         array = rng.integers(0, 256, (7, 9, channels), dtype=np.uint8)
         Image.fromarray(array[..., 0] if channels == 1 else array).save(path)
-    out, (bic, _), _ = upscaler(str(path), "vdsr_x2_adder", 0, progress=Recorder())
+    out, (bic, _), _ = handle(str(path), "vdsr_x2_adder", 0, progress=Recorder())
     result, bicubic = load_image(out), load_image(bic)
     for img in (result, bicubic):
         if mode == "RGB16":
@@ -145,25 +153,25 @@ def test_modes_are_kept(tmp_path, upscaler, mode):
             assert img.mode == mode and img.size == (18, 14)
 
 
-def test_large_input_is_tiled_exactly(tmp_path, upscaler, monkeypatch):
+def test_large_input_is_tiled_exactly(tmp_path, handle, monkeypatch):
     rgb = np.random.default_rng(2).integers(0, 256, (21, 30, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "big.png")
-    whole, _, _ = upscaler(str(tmp_path / "big.png"), "edsr-baseline_x2_conv", 64,
+    whole, _, _ = handle(str(tmp_path / "big.png"), "edsr-baseline_x2_conv", 64,
                            progress=Recorder())
-    monkeypatch.setattr(app, "TILE", 12)  # "large" now: tiles chosen automatically
+    monkeypatch.setattr(checks, "TILE", 12)  # "large" now: tiles chosen automatically
     progress = Recorder()
-    tiled, _, stats = upscaler(str(tmp_path / "big.png"), "edsr-baseline_x2_conv", 0,
+    tiled, _, stats = handle(str(tmp_path / "big.png"), "edsr-baseline_x2_conv", 0,
                                progress=progress)
     assert "tiles of 12 px" in stats
     np.testing.assert_array_equal(np.asarray(Image.open(whole)), np.asarray(Image.open(tiled)))
     assert len(progress.calls) >= 2 and progress.calls[-1][0] == progress.calls[-1][1] > 1
 
 
-def test_size_limit(tmp_path, upscaler, monkeypatch):
+def test_size_limit(tmp_path, handle, monkeypatch):
     # the real limit: 2049 x 2049 at x2 is just over 4096 x 4096; refused before decoding
     Image.new("L", (2049, 2049)).save(tmp_path / "huge.png")
     with pytest.raises(gr.Error, match="megapixels"):
-        upscaler(str(tmp_path / "huge.png"), "vdsr_x2_adder", 0, progress=Recorder())
+        handle(str(tmp_path / "huge.png"), "vdsr_x2_adder", 0, progress=Recorder())
     # a header claiming 20000 x 20000 pixels: Pillow refuses it as a decompression bomb
     def chunk(tag, data):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
@@ -172,46 +180,47 @@ def test_size_limit(tmp_path, upscaler, monkeypatch):
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
         + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
     with pytest.raises(gr.Error, match="too large"):
-        upscaler(str(tmp_path / "bomb.png"), "vdsr_x2_adder", 0, progress=Recorder())
-    monkeypatch.setattr(app, "MAX_OUTPUT_PIXELS", 20 * 20)
+        handle(str(tmp_path / "bomb.png"), "vdsr_x2_adder", 0, progress=Recorder())
+    monkeypatch.setattr(checks, "MAX_OUTPUT_PIXELS", 20 * 20)
     Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
     Image.new("RGB", (11, 10)).save(tmp_path / "over.png")
-    upscaler(str(tmp_path / "ok.png"), "vdsr_x2_adder", 0, progress=Recorder())
+    handle(str(tmp_path / "ok.png"), "vdsr_x2_adder", 0, progress=Recorder())
     with pytest.raises(gr.Error, match="22x20"):
-        upscaler(str(tmp_path / "over.png"), "vdsr_x2_adder", 0, progress=Recorder())
+        handle(str(tmp_path / "over.png"), "vdsr_x2_adder", 0, progress=Recorder())
 
 
-def test_bad_requests(tmp_path, upscaler):
+def test_bad_requests(tmp_path, handle):
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     with pytest.raises(gr.Error, match="corrupt.png"):
-        upscaler(str(tmp_path / "corrupt.png"), "vdsr_x2_adder", 0, progress=Recorder())
+        handle(str(tmp_path / "corrupt.png"), "vdsr_x2_adder", 0, progress=Recorder())
     Image.new("RGB", (40, 40), (5, 6, 7)).save(tmp_path / "full.jpg")
     data = (tmp_path / "full.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 3])
     with pytest.raises(gr.Error, match="cut.jpg"):
-        upscaler(str(tmp_path / "cut.jpg"), "vdsr_x2_adder", 0, progress=Recorder())
+        handle(str(tmp_path / "cut.jpg"), "vdsr_x2_adder", 0, progress=Recorder())
     with pytest.raises(gr.Error, match="Upload"):
-        upscaler(None, "vdsr_x2_adder", 0, progress=Recorder())
+        handle(None, "vdsr_x2_adder", 0, progress=Recorder())
     with pytest.raises(gr.Error, match="Unknown weights"):
-        upscaler(str(tmp_path / "full.jpg"), "nope", 0, progress=Recorder())
+        handle(str(tmp_path / "full.jpg"), "nope", 0, progress=Recorder())
     for tile in (-3, 1, app.MIN_TILE - 1):  # tile 1: minutes of work for a 64x64 image
         with pytest.raises(gr.Error, match=f"Tile size.*at least {app.MIN_TILE} pixels"):
-            upscaler(str(tmp_path / "full.jpg"), "vdsr_x2_adder", tile, progress=Recorder())
+            handle(str(tmp_path / "full.jpg"), "vdsr_x2_adder", tile, progress=Recorder())
 
 
 def test_twin_is_the_same_network_with_the_other_op(upscaler):
-    assert upscaler.twin("edsr-baseline_x2_adder") == "edsr-baseline_x2_conv"
-    assert upscaler.twin("edsr-baseline_x2_conv") == "edsr-baseline_x2_adder"
-    assert upscaler.twin("vdsr_x2_adder") is None and upscaler.twin("nope") is None
+    twin = upscaler.catalogue.twin
+    assert twin("edsr-baseline_x2_adder") == "edsr-baseline_x2_conv"
+    assert twin("edsr-baseline_x2_conv") == "edsr-baseline_x2_adder"
+    assert twin("vdsr_x2_adder") is None and twin("nope") is None
 
 
-def test_compare_with_the_cnn_twin(tmp_path, upscaler, weights_dir):
+def test_compare_with_the_cnn_twin(tmp_path, handle, weights_dir):
     """On request the slider's left half is the CNN twin's result for the same image (its
     own model's output, exactly), and the statistics give the twin's time."""
     rgb = np.random.default_rng(5).integers(0, 256, (10, 13, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "p.png")
     progress = Recorder()
-    out, (left, right), stats = upscaler(str(tmp_path / "p.png"), "edsr-baseline_x2_adder", 0,
+    out, (left, right), stats = handle(str(tmp_path / "p.png"), "edsr-baseline_x2_adder", 0,
                                          "twin", progress=progress)
     assert right == out and Path(left).name == "p_x2_edsr-baseline_x2_conv.png"
     for path, name in ((out, "edsr-baseline_x2_adder"), (left, "edsr-baseline_x2_conv")):
@@ -221,54 +230,91 @@ def test_compare_with_the_cnn_twin(tmp_path, upscaler, weights_dir):
     assert "CNN twin (edsr-baseline_x2_conv)" in stats and stats.count(" s**") == 2
     assert len(progress.calls) >= 2  # both networks report their tiles
     with pytest.raises(gr.Error, match="No twin of this AdderSR model"):
-        upscaler(str(tmp_path / "p.png"), "vdsr_x2_adder", 0, "twin", progress=Recorder())
+        handle(str(tmp_path / "p.png"), "vdsr_x2_adder", 0, "twin", progress=Recorder())
     with pytest.raises(gr.Error, match="Choose one of: bicubic, twin"):
-        upscaler(str(tmp_path / "p.png"), "edsr-baseline_x2_adder", 0, "cnn", progress=Recorder())
+        handle(str(tmp_path / "p.png"), "edsr-baseline_x2_adder", 0, "cnn", progress=Recorder())
 
 
 def test_compare_control_and_slider_caption(upscaler):
     """The comparison choice appears only for a model with a twin; the slider's caption
     names what each half shows."""
-    ctrl = app.compare_control(upscaler, "edsr-baseline_x2_adder", app.TWIN)
+    ctrl = app.compare_control(upscaler.catalogue, "edsr-baseline_x2_adder", app.TWIN)
     assert ctrl.visible and ctrl.value == "twin" and [c[1] for c in ctrl.choices] == ["bicubic", "twin"]
-    ctrl = app.compare_control(upscaler, "vdsr_x2_adder", app.TWIN)
+    ctrl = app.compare_control(upscaler.catalogue, "vdsr_x2_adder", app.TWIN)
     assert ctrl.visible is False and ctrl.value == "bicubic" and len(ctrl.choices) == 1
-    label = app.slider_label(upscaler, "edsr-baseline_x2_adder")
+    label = app.slider_label(upscaler.catalogue, "edsr-baseline_x2_adder")
     assert label.startswith("Left: ordinary enlargement (bicubic) · Right: AdderSR network")
-    assert app.slider_label(upscaler, "edsr-baseline_x2_adder", "twin").startswith(
+    assert app.slider_label(upscaler.catalogue, "edsr-baseline_x2_adder", "twin").startswith(
         "Left: its CNN twin · Right: AdderSR network")
     assert "Left: its AdderSR twin · Right: CNN network" in app.slider_label(
-        upscaler, "edsr-baseline_x2_conv", "twin")
-    assert "bicubic" in app.slider_label(upscaler, "vdsr_x2_adder", "twin")
+        upscaler.catalogue, "edsr-baseline_x2_conv", "twin")
+    assert "bicubic" in app.slider_label(upscaler.catalogue, "vdsr_x2_adder", "twin")
 
 
-def test_unreadable_image_message_shows_no_folders(tmp_path, upscaler):
+def test_unreadable_image_message_shows_no_folders(tmp_path, handle):
     Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "full.png")
     data = (tmp_path / "full.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # header intact, data cut
     with pytest.raises(gr.Error) as exc:
-        upscaler(str(tmp_path / "cut.png"), "vdsr_x2_adder", 0, progress=Recorder())
+        handle(str(tmp_path / "cut.png"), "vdsr_x2_adder", 0, progress=Recorder())
     assert "cut.png could not be read" in exc.value.message
     assert str(tmp_path) not in exc.value.message and "/" not in exc.value.message
+
+
+def test_service_imports_no_gradio():
+    code = ("import sys, addersr.demo; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'gradio'], 'gradio'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_service_progress_refusal_and_cancellation(tmp_path, upscaler, monkeypatch):
+    """The service called directly: ``progress(done, total, what)`` after each tile of both
+    networks, figures as numbers, a plain Refused for a bad request, and Cancelled (no more
+    tiles) once ``cancelled()`` says so."""
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (21, 30, 3), dtype=np.uint8)).save(
+        tmp_path / "in.png")
+    with pytest.raises(Refused, match="Unknown weights") as exc:
+        upscaler.upscale(str(tmp_path / "in.png"), "nope")
+    assert not isinstance(exc.value, gr.Error)
+    monkeypatch.setattr(checks, "TILE", 12)  # 2 x 3 tiles
+    calls = []
+    result = upscaler.upscale(str(tmp_path / "in.png"), "edsr-baseline_x2_adder", 0, "twin",
+                              progress=lambda *args: calls.append(args))
+    assert calls == [(i, 6, "Upscaling tiles") for i in range(1, 7)] + [
+        (i, 6, "CNN twin: upscaling tiles") for i in range(1, 7)]
+    assert result.out_size == (60, 42) and result.in_size == (30, 21) and result.kind == "RGB"
+    assert result.twin == "edsr-baseline_x2_conv" and result.twin_op == "conv"
+    assert result.request.tile == 12 and result.other.name == "in_x2_edsr-baseline_x2_conv.png"
+    assert 0 < result.ops["mults"] < result.twin_ops["mults"]
+    asked, calls = [], []
+
+    def cancelled():
+        asked.append(True)
+        return len(asked) > 2
+
+    with pytest.raises(Cancelled):
+        upscaler.upscale(str(tmp_path / "in.png"), "edsr-baseline_x2_adder", 0,
+                         progress=lambda *args: calls.append(args), cancelled=cancelled)
+    assert len(asked) == 3 and len(calls) == 2
 
 
 def test_quality_note_and_preview_label(tmp_path):
     """A model scoring less than PREVIEW_MARGIN_DB above bicubic on Set5 (from its JSON) is
     labelled a preview; the sentence gives both scores."""
-    bicubic = app.bicubic_set5(2)
+    bicubic = catalogue.bicubic_set5(2)
     assert bicubic == pytest.approx(33.66, abs=0.02)  # the published bicubic x2 Set5 PSNR
     for stem, gain in (("close", 0.08), ("good", 3.0)):
         model = models.build("vdsr", 2, op="adder", depth=3, n_feats=8)
         models.save(model, tmp_path / stem, {"metrics": {"Set5": {"psnr": bicubic + gain}}})
     models.save(models.build("vdsr", 2, op="conv", depth=3, n_feats=8), tmp_path / "none")
-    up = app.Upscaler(tmp_path, device="cpu")
+    up = Catalogue(tmp_path)
     labels = {name: label for label, name in up.choices()}
     assert labels["close"].endswith("· preview (close)") and "preview" not in labels["good"]
-    assert "Preview model, at about bicubic quality" in up.note("close")
-    assert f"{bicubic + 0.08:.2f} dB, +0.08 dB" in up.note("close")
-    assert f"({bicubic:.2f} dB" in up.note("close")
-    assert up.note("good").startswith("Quality:") and "+3.00 dB" in up.note("good")
-    assert up.note("none") == "No quality score is recorded for this model."
+    assert "Preview model, at about bicubic quality" in app.quality_note(up, "close")
+    assert f"{bicubic + 0.08:.2f} dB, +0.08 dB" in app.quality_note(up, "close")
+    assert f"({bicubic:.2f} dB" in app.quality_note(up, "close")
+    assert app.quality_note(up, "good").startswith("Quality:") and "+3.00 dB" in app.quality_note(up, "good")
+    assert app.quality_note(up, "none") == "No quality score is recorded for this model."
 
 
 def _component(config, elem_id):
@@ -294,20 +340,21 @@ def test_page_offers_the_scales_of_the_weights(tmp_path, weights_dir):
 def test_without_weights_the_app_still_builds(tmp_path):
     demo = app.build_demo(weights_dir=tmp_path, device="cpu")
     up = demo.upscaler
-    assert up.weights == {} and up.choices() == []
+    assert up.catalogue.weights == {} and up.catalogue.choices() == []
     Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
     with pytest.raises(gr.Error, match="No model weights"):
-        up(str(tmp_path / "x.png"), None, 0, progress=Recorder())
+        app.handler(up)(str(tmp_path / "x.png"), None, 0, progress=Recorder())
     config = str(demo.get_config_file())
     assert "No model weights found" in config
 
 
 def test_examples_are_reduced_set5(tmp_path):
-    paths = app.example_images(tmp_path)
-    assert sorted(p.name for p in paths) == sorted(p.name for p in app.ASSETS.glob("*.png"))
+    paths = service.example_images(tmp_path)
+    assert sorted(p.name for p in paths) == sorted(p.name for p in catalogue.ASSETS.glob("*.png"))
     assert len(paths) == 5
-    with Image.open(tmp_path / "baby.png") as im, Image.open(app.ASSETS / "baby.png") as hr:
-        assert im.size == (hr.size[0] // app.EXAMPLE_REDUCTION, hr.size[1] // app.EXAMPLE_REDUCTION)
+    reduction = service.EXAMPLE_REDUCTION
+    with Image.open(tmp_path / "baby.png") as im, Image.open(catalogue.ASSETS / "baby.png") as hr:
+        assert im.size == (hr.size[0] // reduction, hr.size[1] // reduction)
 
 
 # ----------------------------------------------------------------------- served, end to end
@@ -508,10 +555,10 @@ def test_default_is_the_best_adder_model(tmp_path):
                                   ("e_adder", "adder", 27.0, 3)]:
         meta = {"metrics": {"Set5": {"psnr": psnr, "ssim": 0.9}}} if psnr else {}
         models.save(models.build("edsr-baseline", scale, op=op, **small), tmp_path / stem, meta)
-    up = app.Upscaler(tmp_path, device="cpu")
+    up = Catalogue(tmp_path)
     # bicubic scores 33.67 at x2 and 30.40 at x3: gains c -2.2, a -3.2, e -3.4
     assert up.default() == "c_adder"
     assert up.default(scale=3) == "e_adder"
     (tmp_path / "c_adder.json").unlink()
     (tmp_path / "c_adder.safetensors").unlink()
-    assert app.Upscaler(tmp_path, device="cpu").default() == "a_adder"
+    assert Catalogue(tmp_path).default() == "a_adder"

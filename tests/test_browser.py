@@ -65,7 +65,7 @@ def test_upload_upscale_compare(served, tmp_path):
     with Image.open(ROOT / "addersr" / "assets" / "Set5" / "butterfly.png") as im:
         lr = im.convert("RGB").resize((128, 128), Image.BICUBIC)
     lr.save(tmp_path / "butterfly_lr.png")
-    scale = int(upscaler.weights[upscaler.default()]["scale"])
+    scale = int(upscaler.catalogue.weights[upscaler.catalogue.default()]["scale"])
 
     with _page(url) as page:
         page.locator("#input-image input[type=file]").set_input_files(
@@ -102,8 +102,8 @@ def test_page_checks_uploads_labels_and_busy_button(served, tmp_path, monkeypatc
     slider halves, a preview model said to be one, a non-image refused on upload, the
     button off while a request runs, and the result shown once (plus a download)."""
     url, upscaler = served
-    name = upscaler.default()
-    scale = int(upscaler.weights[name]["scale"])
+    name = upscaler.catalogue.default()
+    scale = int(upscaler.catalogue.weights[name]["scale"])
     model = upscaler.model(name)
     forward = model.forward
 
@@ -124,7 +124,7 @@ def test_page_checks_uploads_labels_and_busy_button(served, tmp_path, monkeypatc
         slider = page.inner_text("#comparison")
         assert "Left: ordinary enlargement (bicubic)" in slider and "Right: AdderSR" in slider
         note = page.inner_text("#model-note")
-        if app.is_preview(upscaler.weights[name]):  # the shipped model's own note
+        if app.is_preview(upscaler.catalogue.weights[name]):  # the shipped model's own note
             assert "Preview model, at about bicubic quality" in note
         else:
             assert note.startswith("Quality:") and "Preview" not in note
@@ -155,11 +155,11 @@ def test_page_checks_uploads_labels_and_busy_button(served, tmp_path, monkeypatc
 def test_compare_with_the_cnn_twin_on_the_page(served, tmp_path):
     """Choosing the twin renames the slider's halves and shows the twin's result on the left."""
     url, upscaler = served
-    name = upscaler.default()
-    twin = upscaler.twin(name)
+    name = upscaler.catalogue.default()
+    twin = upscaler.catalogue.twin(name)
     if twin is None:
         pytest.skip("the weights offered have no CNN twin of the default model")
-    scale = int(upscaler.weights[name]["scale"])
+    scale = int(upscaler.catalogue.weights[name]["scale"])
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
         tmp_path / "ok.png")
     with _page(url) as page:
