@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from addersr import models, train
+from addersr.training import distributed
 from addersr.nn import Adder2d, PowerActivation
 from addersr.data import imresize
 from addersr.data.patches import PatchBatches, augment, load_training_images, make_lr_images
@@ -494,17 +495,17 @@ def test_init_at_another_scale_loads_the_body_and_starts_anew(data, tmp_path, ca
 def test_cuda_device_without_index_and_nccl_under_torchrun(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    rank, world, device = train._setup_distributed(torch.device("cuda"))
+    rank, world, device = distributed.setup_distributed(torch.device("cuda"))
     assert (rank, world, device) == (0, 1, torch.device("cuda", 0))
     assert calls == [("set_device", torch.device("cuda", 0))]
     calls.clear()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    rank, world, device = train._setup_distributed(torch.device("cuda"))
+    rank, world, device = distributed.setup_distributed(torch.device("cuda"))
     assert (rank, world, device) == (1, 2, torch.device("cuda", 1))
     assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl")]
 
@@ -521,7 +522,7 @@ def test_cuda_default_device_when_available(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(train, "_setup_distributed", fake_setup)
+    monkeypatch.setattr(distributed, "setup_distributed", fake_setup)
     argv = _argv(data, tmp_path)
     argv = argv[:argv.index("--device")]
     for given in ([], ["--device", "cuda"], ["--device", "cuda:0"]):
