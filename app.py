@@ -16,8 +16,14 @@ images go through exact tiled inference, and a request whose client disconnects 
 its next tile. ``python app.py`` keeps uploads and results in one temporary folder, removed
 when it exits (Ctrl-C or SIGTERM).
 
-API: the endpoint ``/upscale`` takes ``(image, weights, tile, compare)``; only the image
-is required (``compare``: "bicubic" or "twin"). Its first output is the upscaled PNG.
+Adder weights with an int8 calibration (``NAME.int8.json``) get a precision choice: 8-bit
+adder layers (their default: within 0.005 dB of fp32 on every shipped model, faster) or fp32.
+
+API: the endpoint ``/upscale`` takes ``(image, weights, tile, compare, scale, precision)``;
+only the image is required (``compare``: "bicubic" or "twin"; ``scale``: one the weights were
+trained for, default their recorded one; ``precision``: "int8" or "fp32", default int8 where
+the weights are calibrated for it, else fp32, as on the page). Its first output is the
+upscaled PNG.
 
 This file is the page: its texts, components and events, and the adapter that hands a
 request to :class:`addersr.demo.Upscaler` (the work, with no Gradio in it) with Gradio's
@@ -42,12 +48,17 @@ import gradio as gr  # noqa: E402
 from addersr.demo import Cancelled, Refused, Upscaler  # noqa: E402
 from addersr.demo.catalogue import (OP_NAMES, bicubic_set5, is_preview, set5_gain,  # noqa: E402
                                     set5_psnr, weights_label)
-from addersr.demo.checks import BICUBIC, COMPARE, TILE, TWIN, limit  # noqa: E402
+from addersr.demo.checks import BICUBIC, COMPARE, FP32, INT8, TILE, TWIN, limit  # noqa: E402
 from addersr.demo.service import EXAMPLE_REDUCTION, KEEP_RESULTS_S, example_images  # noqa: E402
+from addersr.energy import ENERGY_PJ  # noqa: E402
 from addersr.inference import MIN_TILE  # noqa: E402
+from addersr.models import trained_scales  # noqa: E402
 
 MAX_UPLOAD = "64mb"
 QUEUE_SIZE = 64  # requests that may wait in the queue
+PRECISION_CHOICES = [("8-bit (int8, faster)", INT8), ("32-bit float (fp32)", FP32)]
+INT8_NOTE = ("8-bit adder layers: the same picture within 0.005 dB, about 2x faster on a CPU; "
+             "the default.")
 
 
 def _refuse(message):
@@ -90,20 +101,26 @@ def _energy(pj):
     return f"{pj:.0f} pJ"
 
 
-def quality_note(catalogue, name):
+def _page_scale(meta, scale):
+    """The page's chosen ``scale`` when the weights serve it, else their recorded one."""
+    served = trained_scales(meta)
+    return int(scale) if scale and int(scale) in served else served[0]
+
+
+def quality_note(catalogue, name, scale=None):
     """A sentence for the page on what quality to expect from the weights ``name`` of
-    ``catalogue`` ("" when there are none)."""
+    ``catalogue`` at ``scale`` (None: their recorded one; "" when there are none)."""
     meta = catalogue.weights.get(name)
     if meta is None:
         return ""
-    psnr = set5_psnr(meta)
+    scale = _page_scale(meta, scale)
+    psnr = set5_psnr(meta, scale)
     if psnr is None:
         return "No quality score is recorded for this model."
-    scale = int(meta["scale"])
     scores = (f"on the Set5 test pictures at x{scale} it scores {psnr:.2f} dB, "
-              f"{set5_gain(meta):+.2f} dB compared with ordinary bicubic enlargement "
+              f"{set5_gain(meta, scale):+.2f} dB compared with ordinary bicubic enlargement "
               f"({bicubic_set5(scale):.2f} dB; higher is better)")
-    if is_preview(meta):
+    if is_preview(meta, scale):
         return (f"⚠️ **Preview model, at about bicubic quality**: {scores}. Expect results "
                 "close to an ordinary enlargement.")
     return f"Quality: {scores}."
@@ -118,12 +135,15 @@ def stats_markdown(up, result):
     own, twin = result.ops, result.twin_ops
     (in_w, in_h), (out_w, out_h) = result.in_size, result.out_size
     tiles = f", tiles of {tile} px" if tile else ""
+    int8 = result.precision == INT8
+    precision = "8-bit adder layers (int8)" if int8 else "32-bit float (fp32)"
     lines = [
-        f"**{weights_label(name, meta)}** on {up.device}: **{result.seconds:.2f} s**{tiles}",
+        f"**{weights_label(name, meta, result.request.scale)}** on {up.device}, {precision}: "
+        f"**{result.seconds:.2f} s**{tiles}",
         "",
-        f"{in_w}x{in_h} → **{out_w}x{out_h}** ({result.kind}, x{meta['scale']})",
+        f"{in_w}x{in_h} → **{out_w}x{out_h}** ({result.kind}, x{result.request.scale})",
         "",
-        f"| for this image | {op} (this model) | {twin_op} twin |",
+        f"| for this image | {op} (this model{', int8' if int8 else ''}) | {twin_op} twin |",
         "|---|---:|---:|",
         f"| multiplications | {_count(own['mults'])} | {_count(twin['mults'])} |",
         f"| additions | {_count(own['adds'])} | {_count(twin['adds'])} |",
@@ -132,11 +152,14 @@ def stats_markdown(up, result):
     ]
     if own["energy_pj"] > 0 and twin["energy_pj"] > 0:
         ratio = twin["energy_pj"] / own["energy_pj"]
-        lines += ["", f"Energy ratio {twin_op} / {op}: **{ratio:.2f}x**"
-                  " (FP32: multiply 3.7 pJ, add 0.9 pJ; an adder op is two additions)."]
+        (mult, add), add8 = ENERGY_PJ["fp32"], ENERGY_PJ["int8"][1]
+        figures = (f"INT8 add {add8} pJ in this model's adder layers, an adder op two adds; "
+                   f"the rest FP32: multiply {mult} pJ, add {add} pJ" if int8 else
+                   f"FP32: multiply {mult} pJ, add {add} pJ; an adder op is two additions")
+        lines += ["", f"Energy ratio {twin_op} / {op}: **{ratio:.2f}x** ({figures})."]
     if result.twin:
         twin_meta = up.catalogue.weights[result.twin]
-        psnr = set5_psnr(twin_meta)
+        psnr = set5_psnr(twin_meta, result.request.scale)
         score = f", Set5 {psnr:.2f} dB" if psnr is not None else ""
         lines += ["", f"Left of the slider: its {OP_NAMES[twin_meta['op']]} twin "
                       f"({result.twin}{score}), **{result.twin_seconds:.2f} s**."]
@@ -146,17 +169,21 @@ def stats_markdown(up, result):
 def handler(up):
     """The ``/upscale`` endpoint on the :class:`Upscaler` ``up``.
 
-    ``(image, weights=None, tile=0, compare="bicubic") -> (upscaled_png, (other_png,
-    upscaled_png), stats_markdown)``; Gradio's progress bar follows the tiles, a request
-    whose client has gone stops at its next tile, and a refusal is raised as ``gr.Error``.
+    ``(image, weights=None, tile=0, compare="bicubic", scale=None, precision=None) ->
+    (upscaled_png, (other_png, upscaled_png), stats_markdown)`` (``scale``: one the weights
+    were trained for; None: their recorded one; ``precision``: "int8" or "fp32"; None: int8
+    where calibrated, else fp32); Gradio's progress bar follows the tiles, a request whose
+    client has gone stops at its next tile, and a refusal is raised as ``gr.Error``.
     """
-    def upscale(image, weights=None, tile=0, compare=BICUBIC, progress=gr.Progress()):
+    def upscale(image, weights=None, tile=0, compare=BICUBIC, scale=None, precision=None,
+                progress=gr.Progress()):
         def report(done, total, what):
             progress((done, total), desc=what, unit="tiles")
 
         with _shown():
             try:
-                result = up.upscale(image, weights, tile, compare, report, _client_gone)
+                result = up.upscale(image, weights, tile, compare, report, _client_gone, scale,
+                                    precision)
             except Cancelled:
                 raise _refuse("Cancelled: the client disconnected.") from None
         output = str(result.output)
@@ -214,12 +241,35 @@ def compare_control(catalogue, name, current=BICUBIC, **props):
     return gr.Radio(choices, value=value, visible=twin is not None, **props)
 
 
-def _ready(up, path, name, what):
-    """The Upscale button, usable once the picture suits the model (errors shown now; the
-    tile size is checked when the button is pressed)."""
+def precision_control(up, name, scale=None, **props):
+    """The precision choice for the weights ``name`` at ``scale``: shown, on their default
+    (int8), where they run in int8 too; hidden on fp32 otherwise. ``props``: of ``gr.Radio``."""
+    served = up.precisions(name, scale) if name in up.catalogue.weights else (FP32,)
+    return gr.Radio(PRECISION_CHOICES, value=served[0], visible=len(served) > 1, **props)
+
+
+def _precision_choice(demo, up, name, scale, weights, page_scale):
+    """The precision control for the weights ``name`` at ``scale``, following the page's
+    ``weights`` and ``page_scale``, and its hidden copy that the handler reads (None for API
+    calls that name none: int8 where calibrated, else fp32), returned."""
+    precision = precision_control(up, name, scale, label="Arithmetic", info=INT8_NOTE,
+                                  elem_id="precision")
+    page_precision = gr.Radio(PRECISION_CHOICES, value=None, visible=False,
+                              elem_id="page-precision")
+    for event in (weights.change, page_scale.change):  # int8 where calibrated, at its scale
+        event(functools.partial(precision_control, up), [weights, page_scale], precision,
+              queue=False, api_visibility="private")
+    for event in (demo.load, precision.change):
+        event(lambda p: p, precision, page_precision, queue=False, api_visibility="private")
+    return page_precision
+
+
+def _ready(up, path, name, what, scale=None):
+    """The Upscale button, usable once the picture suits the model at the page's ``scale``
+    (errors shown now; the tile size is checked when the button is pressed)."""
     if path is not None:
         with _shown():
-            up.check(path, name, compare=what)
+            up.check(path, name, compare=what, scale=scale)
     return gr.Button(interactive=path is not None)
 
 
@@ -245,13 +295,17 @@ def build_demo(weights_dir=None, device="auto", concurrency=1, temp_dir=None):
                                  value=str(first) if scales else None,
                                  label="Enlargement (times wider and taller)",
                                  visible=len(scales) > 1, elem_id="scale")
+                # the scale the page asks for: set from the control once the page has loaded,
+                # None for API calls that name none (the weights' recorded scale)
+                page_scale = gr.Number(None, precision=0, visible=False, elem_id="page-scale")
                 # custom values: the API may name weights of any scale (check() refuses
                 # unknown names), not only those listed for the first scale
                 weights = gr.Dropdown(cat.choices(first), value=chosen, label="Model",
                                       allow_custom_value=True, elem_id="weights")
-                note = gr.Markdown(quality_note(cat, chosen), elem_id="model-note")
+                note = gr.Markdown(quality_note(cat, chosen, first), elem_id="model-note")
                 compare = compare_control(cat, chosen, label="Compare the result with",
                                           elem_id="compare")
+                page_precision = _precision_choice(demo, up, chosen, first, weights, page_scale)
                 with gr.Accordion("Advanced: process in pieces", open=False):
                     tile = gr.Number(0, precision=0, minimum=0,
                                      label="Piece size, in pixels of your picture",
@@ -273,15 +327,19 @@ def build_demo(weights_dir=None, device="auto", concurrency=1, temp_dir=None):
                                  interactive=False, elem_id="result")
 
         ready = functools.partial(_ready, up)
-        for event in (image.change, weights.change):  # disable at once, enable if valid
+        for event in (image.change, weights.change, page_scale.change):  # disable, enable if valid
             event(lambda: gr.Button(interactive=False), None, run, queue=False,
                   api_visibility="private").then(  # queued (errors are shown), never waits
-                ready, [image, weights, compare], run, concurrency_limit=None,
+                ready, [image, weights, compare, page_scale], run, concurrency_limit=None,
                 api_visibility="private")
-        scale.change(lambda s: gr.Dropdown(choices=cat.choices(s), value=cat.default(s)),
-                     inputs=scale, outputs=weights, api_visibility="private")
-        weights.change(functools.partial(quality_note, cat), weights, note, queue=False,
-                       api_visibility="private")
+        demo.load(lambda s: int(s) if s else None, scale, page_scale, queue=False,
+                  api_visibility="private")
+        scale.change(lambda s: (gr.Dropdown(choices=cat.choices(s), value=cat.default(s)),
+                                int(s) if s else None),
+                     inputs=scale, outputs=[weights, page_scale], api_visibility="private")
+        for event in (weights.change, page_scale.change):  # the note of the chosen scale
+            event(functools.partial(quality_note, cat), [weights, page_scale], note, queue=False,
+                  api_visibility="private")
         weights.change(functools.partial(compare_control, cat), [weights, compare], compare,
                        queue=False, api_visibility="private")
         for event in (weights.change, compare.change):
@@ -289,9 +347,9 @@ def build_demo(weights_dir=None, device="auto", concurrency=1, temp_dir=None):
                   [weights, compare], slider, queue=False, api_visibility="private")
         run.click(lambda: gr.Button(interactive=False), None, run, queue=False,
                   api_visibility="private").then(
-            handler(up), inputs=[image, weights, tile, compare], outputs=[result, slider, stats],
-            api_name="upscale").then(
-            ready, [image, weights, compare], run, concurrency_limit=None,
+            handler(up), inputs=[image, weights, tile, compare, page_scale, page_precision],
+            outputs=[result, slider, stats], api_name="upscale").then(
+            ready, [image, weights, compare, page_scale], run, concurrency_limit=None,
             api_visibility="private")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=concurrency)
     demo.upscaler = up  # the service, for callers that want it without a server
@@ -327,13 +385,21 @@ def main(argv=None):
         demo = build_demo(args.weights_dir, args.device, args.concurrency, temp_dir=temp)
         up = demo.upscaler
         if up.catalogue.default():  # load the default model while the server starts
-            threading.Thread(target=up.model, args=(up.catalogue.default(),),
+            threading.Thread(target=_preload, args=(up, up.catalogue.default()),
                              daemon=True).start()
         else:
             print(up.catalogue.no_weights_message())
         launch(demo, args.host, args.port, args.share)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _preload(up, name):
+    """Load the weights ``name`` before the first request; bad ones are reported when loaded."""
+    try:
+        up.model(name)
+    except Refused:
+        pass  # the upscaler printed why; requests for these weights get the page's message
 
 
 def _stop(signum, frame):

@@ -1,7 +1,7 @@
 """Benchmark super-resolution on the standard test sets: ``python -m addersr.bench``.
 
 Scores bicubic, a registry model (randomly initialised: a smoke test) or trained weights
-with the protocol of :mod:`addersr.eval` on every dataset folder of the data root, and
+(multi-scale VDSR weights at each scale they were trained for) with the protocol of :mod:`addersr.eval` on every dataset folder of the data root, and
 prints a markdown table laid out like the AdderSR paper's (rows scale x model x method,
 cells PSNR/SSIM on Y). ``--json`` / ``--csv`` / ``--md`` write the results to files.
 
@@ -25,18 +25,20 @@ from tqdm.auto import tqdm
 from .device import DeviceError, describe, resolve
 from .data import dataset_root, find_datasets, list_images
 from .data.datasets import BENCHMARK_SETS
-from .eval import evaluate, load_images
+from .eval import evaluate, load_images, unscorable
 from .files import OutputError, atomic_write, prepare_output_dir
 from .inference import check_tile
+from . import signals
 
-FIELDS = ("model", "op", "weights", "dataset", "scale", "images", "unreadable", "psnr", "ssim",
+FIELDS = ("model", "op", "weights", "dataset", "scale", "images", "unreadable", "too_small", "psnr", "ssim",
           "lpips", "seconds_per_image", "params", "mults", "adds", "energy_mj")
 METHOD = {None: "-", "conv": "CNN", "adder": "AdderNet"}
 TABLE_SIZE = (720, 1280)  # output size for the table's operation and energy columns
 
 
 class Job:
-    """One thing to evaluate: bicubic, a registry model or a weights file."""
+    """One thing to evaluate: bicubic, a registry model or a weights file (``loaded``: its
+    network for each of ``scales``)."""
 
     def __init__(self, model, op, scales, weights=None, loaded=None):
         self.model, self.op, self.scales, self.weights = model, op, list(scales), weights
@@ -54,7 +56,7 @@ class Job:
         if self.model == "bicubic":
             return "bicubic"
         if self._loaded is not None:
-            return self._loaded
+            return self._loaded[scale]
         if scale not in self._built:
             from .models import build
             torch.manual_seed(0)
@@ -90,38 +92,46 @@ def _jobs(args, parser, device):
         print(f"note: {args.model} ({args.op}) is randomly initialised: a smoke test, "
               "not a trained result", file=sys.stderr)
         return [Job(args.model, args.op, scales)]
-    from .models import list_weights, load
+    from .models import list_weights, load, trained_scales
     if args.weights:
         sources = args.weights
     else:
-        sources = [str(path.with_suffix("")) for path, _ in list_weights()]
+        sources = [str(path.with_suffix("")) for path, meta in list_weights()
+                   if args.precision == "fp32" or meta["op"] == "adder"]
         if not sources:
             print("note: no weights shipped in weights/; evaluating bicubic", file=sys.stderr)
             return [Job("bicubic", None, scales)]
     jobs = []
     for source in sources:
         try:
-            network = load(source, device=device)
+            network = load(source, device=device, precision=args.precision)
         except (FileNotFoundError, ValueError) as err:
             parser.error(str(err))
-        if args.scales and network.scale not in args.scales:
+        # every scale the weights were trained for (int8: the one it is calibrated for)
+        served = [s for s in (trained_scales(network.meta) if args.precision == "fp32" else [network.scale])
+                  if not args.scales or s in args.scales]
+        if not served:
             continue
-        jobs.append(Job(network.meta["model"], network.meta["op"], [network.scale],
-                        weights=_stem_name(source), loaded=network))
+        loaded = {s: network if s == network.scale else load(source, device=device, scale=s) for s in served}
+        jobs.append(Job(network.meta["model"], network.meta["op"], served,
+                        weights=_stem_name(source) + ("-int8" if args.precision == "int8" else ""),
+                        loaded=loaded))
     if not jobs:
         parser.error(f"none of the weights is for the scales {args.scales}")
     return jobs
 
 
-def markdown_table(results, datasets, incomplete=None):
+def markdown_table(results, datasets, incomplete=None, skipped=None):
     """The AdderSR-style table: rows scale x model x method, cells ``PSNR/SSIM``.
 
-    ``incomplete``: ``{dataset: (unreadable file names, images in the set)}``; those sets'
-    columns are marked ``*`` and a note under the table names the files left out.
+    ``incomplete``: ``{dataset: (unreadable file names, images in the set)}``; ``skipped``:
+    ``{dataset: {file name: why it is too small to score}}``; those sets' columns are marked
+    ``*`` and a note under the table names the files left out.
     """
     incomplete = incomplete or {}
+    skipped = {d: v for d, v in (skipped or {}).items() if v}
     cols = ["Scale", "Model", "Method", "Params", "#Mul (G)", "#Add (G)", "Energy (mJ)"]
-    cols += [f"{d}*" if d in incomplete else d for d in datasets]
+    cols += [f"{d}*" if d in incomplete or d in skipped else d for d in datasets]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     rows = {}
     for r in results:
@@ -144,6 +154,9 @@ def markdown_table(results, datasets, incomplete=None):
     for dataset, (names, total) in incomplete.items():
         lines.append(f"\n{dataset}*: incomplete, {len(names)} of {total} images could not be "
                      f"read and were left out ({', '.join(names)}).")
+    for dataset, small in skipped.items():
+        lines.append(f"\n{dataset}*: {len(small)} images too small to score were left out where too small "
+                     f"({'; '.join(f'{n}: {why}' for n, why in small.items())}).")
     return "\n".join(lines)
 
 
@@ -188,10 +201,13 @@ def _parser():
     p.add_argument("--op", default="adder", choices=["adder", "conv"], help="layer kind for --model")
     p.add_argument("--datasets", nargs="+", help=f"dataset folders (default: {' '.join(BENCHMARK_SETS)}, "
                    "those present, else all)")
-    p.add_argument("--scales", nargs="+", type=int, choices=[2, 3, 4], help="default 2 3 4 (weights: their own)")
+    p.add_argument("--scales", nargs="+", type=int, choices=[2, 3, 4],
+                   help="default 2 3 4 (weights: every scale they were trained for; these among them)")
     p.add_argument("--data-root", help="folder whose sub-folders are the datasets "
                    "(default: $ADDERSR_DATA/benchmark, else the shipped Set5)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="int8: 8-bit adder layers on the CPU (adder weights with NAME.int8.json)")
     p.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/rotations")
     p.add_argument("--tile", type=int, help="tile size in LR pixels, at least 64 (exact tiling: "
                    "overlap = receptive field)")
@@ -202,6 +218,57 @@ def _parser():
     p.add_argument("--csv", metavar="FILE")
     p.add_argument("--md", metavar="FILE", help="write the markdown report to FILE")
     return p
+
+
+def _run(names, found, jobs, args, device, results, incomplete, skipped):
+    """Score every job on every set, appending to ``results`` as each finishes; sets with
+    unreadable files go to ``incomplete``, images too small to score to ``skipped``."""
+    table_costs = {}
+    steps = sum(len(j.scales) for j in jobs) * len(names)
+    with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr) as bar:
+        for dataset in names:
+            images, unreadable, files = _read_set(dataset, found[dataset], args.limit)
+            if unreadable:
+                incomplete[dataset] = (unreadable, files)
+            for order, job in enumerate(jobs):
+                for scale in job.scales:
+                    scored = _scorable(images, scale, dataset, skipped)
+                    if not scored:
+                        bar.update()
+                        continue
+                    network = job.network(scale)
+                    bar.set_postfix_str(f"{dataset} x{scale} {job.label}")
+                    save = (Path(args.save_images) / job.label / dataset / f"x{scale}"
+                            if args.save_images else None)
+                    res = evaluate(network, scored, scale, device=device, tile=args.tile,
+                                   self_ensemble=args.self_ensemble, lpips=not args.no_lpips,
+                                   progress=True, desc=f"{dataset} x{scale}", save_dir=save)
+                    h, w = (round(v / scale) * scale for v in res["mean_size"])
+                    if (order, scale) not in table_costs:
+                        table_costs[(order, scale)] = _costs(network, TABLE_SIZE)
+                    results.append({
+                        "model": job.model, "op": job.op, "weights": job.weights, "dataset": dataset,
+                        "scale": scale, "images": res["images"], "unreadable": len(unreadable),
+                        "too_small": len(images) - len(scored),
+                        "psnr": res["psnr"], "ssim": res["ssim"],
+                        "lpips": res["lpips"], "seconds_per_image": res["seconds_per_image"],
+                        **_costs(network, (h, w)),
+                        "_order": order, "_table_costs": table_costs[(order, scale)]})
+                    bar.update()
+
+
+def _scorable(images, scale, dataset, skipped):
+    """The images of ``dataset`` that can be scored at ``scale``; the others are reported
+    once in a warning and recorded in ``skipped[dataset][name]``."""
+    kept = []
+    for name, image in images:
+        why = unscorable(image.shape, scale)
+        if why is None:
+            kept.append((name, image))
+        elif name not in skipped.setdefault(dataset, {}):
+            skipped[dataset][name] = why
+            tqdm.write(f"warning: {dataset}/{name}: {why}; left out at x{scale}", file=sys.stderr)
+    return kept
 
 
 def main(argv=None):
@@ -224,6 +291,10 @@ def main(argv=None):
     found = find_datasets(root)
     if args.datasets:
         missing = [d for d in args.datasets if d not in found]
+        empty = [d for d in missing if (Path(root) / d).is_dir()]
+        if empty:
+            parser.error(f"dataset folder(s) {empty} in {root} hold no images; with images: "
+                         f"{sorted(found)}")
         if missing:
             parser.error(f"dataset(s) {missing} not found in {root}; available: {sorted(found)}")
         names = args.datasets
@@ -257,54 +328,45 @@ def main(argv=None):
     started = time.perf_counter()
     dev = describe(device)
     print(f"device: {dev}\ndata root: {root}", file=sys.stderr)
-    steps = sum(len(j.scales) for j in jobs) * len(names)
-    results, incomplete = [], {}
-    table_costs = {}
-    with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr) as bar:
-        for dataset in names:
-            images, unreadable, files = _read_set(dataset, found[dataset], args.limit)
-            if unreadable:
-                incomplete[dataset] = (unreadable, files)
-            if not images:
-                bar.update(sum(len(j.scales) for j in jobs))
-                continue
-            for order, job in enumerate(jobs):
-                for scale in job.scales:
-                    network = job.network(scale)
-                    bar.set_postfix_str(f"{dataset} x{scale} {job.label}")
-                    save = (Path(args.save_images) / job.label / dataset / f"x{scale}"
-                            if args.save_images else None)
-                    res = evaluate(network, images, scale, device=device, tile=args.tile,
-                                   self_ensemble=args.self_ensemble, lpips=not args.no_lpips,
-                                   progress=True, desc=f"{dataset} x{scale}", save_dir=save)
-                    h, w = (round(v / scale) * scale for v in res["mean_size"])
-                    if (order, scale) not in table_costs:
-                        table_costs[(order, scale)] = _costs(network, TABLE_SIZE)
-                    results.append({
-                        "model": job.model, "op": job.op, "weights": job.weights, "dataset": dataset,
-                        "scale": scale, "images": res["images"], "unreadable": len(unreadable),
-                        "psnr": res["psnr"], "ssim": res["ssim"],
-                        "lpips": res["lpips"], "seconds_per_image": res["seconds_per_image"],
-                        **_costs(network, (h, w)),
-                        "_order": order, "_table_costs": table_costs[(order, scale)]})
-                    bar.update()
+    results, incomplete, skipped = [], {}, {}
+    with signals.interruptible():
+        try:
+            _run(names, found, jobs, args, device, results, incomplete, skipped)
+            stopped = None
+        except KeyboardInterrupt:
+            stopped = signals.received()
 
-    table = markdown_table(results, names, incomplete)
+    return _report(args, argv, dev, root, started, names, results, incomplete, skipped, stopped)
+
+
+def _report(args, argv, dev, root, started, names, results, incomplete, skipped, stopped):
+    """Print the table and write ``--json``, ``--csv``, ``--md``; the public rows. After a
+    signal (``stopped``) the finished runs are written all the same, then SystemExit."""
+    table = markdown_table(results, names, incomplete, skipped)
     public = [{k: r[k] for k in FIELDS} for r in results]
     size = f"{TABLE_SIZE[1]}x{TABLE_SIZE[0]}"
     report = (f"Device: {dev}. Data: {root}. PSNR (dB) / SSIM on Y, border = scale; "
               f"#Mul, #Add and energy (45 nm FP32) for one {size} output. "
-              f"Wall time {time.perf_counter() - started:.0f} s.\n\n{table}\n")
+              f"Wall time {time.perf_counter() - started:.0f} s.\n\n{table}\n"
+              + (f"\nInterrupted by {signals.name(stopped)}: only the {len(results)} runs finished "
+                 "before it are shown.\n" if stopped else ""))
     print(report)
     if args.json:
         unread = {d: files for d, (files, _) in incomplete.items()}
-        _write(args.json, json.dumps({"device": dev, "results": public, "unreadable": unread},
+        _write(args.json, json.dumps({"device": dev, "results": public, "unreadable": unread,
+                                      "too_small": {d: v for d, v in skipped.items() if v},
+                                      "interrupted": signals.name(stopped) if stopped else None},
                                      indent=2) + "\n")
     if args.csv:
         _write_csv(args.csv, public)
     if args.md:
         command = "python -m addersr.bench " + " ".join(sys.argv[1:] if argv is None else argv)
         _write(args.md, f"# Benchmark\n\n`{command}`\n\n{report}")
+    if stopped:
+        files = [path for path in (args.json, args.csv, args.md) if path]
+        print(f"interrupted by {signals.name(stopped)}: the {len(results)} finished runs are "
+              + (f"written to {', '.join(files)}" if files else "in the table above"), file=sys.stderr)
+        raise SystemExit(signals.exit_status(stopped))
     return public
 
 

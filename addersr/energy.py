@@ -14,7 +14,9 @@ parameter EDSR at 1280x720):
   ``own_ops(inputs, output)`` method; ReLU, PixelShuffle and copies count as nothing.
 
 ``energy_pj = mults * E_mult + adds * E_add`` with Horowitz's 45 nm figures (FP32: 3.7 pJ
-and 0.9 pJ). When the output size is not a multiple of the scale the counts are pro-rated
+and 0.9 pJ); the adds of adder layers may be charged at another precision than the rest
+(``adder_precision``: an 8-bit adder model's SAD layers cost 2 x 0.03 pJ per adder op
+while its convolutions, BN and activations stay FP32). When the output size is not a multiple of the scale the counts are pro-rated
 to exactly H x W output pixels, as published tables are.
 
 ``python -m addersr.energy --model edsr-baseline --scale 4 --size 1280x720`` prints the
@@ -65,18 +67,31 @@ def _size(out_size):
     return h, w
 
 
-def count_ops(model, out_size=(720, 1280), precision="fp32"):
+def _energy(ops, precision, adder_precision):
+    """Energy in pJ of a counts dict; adder-op adds charged at ``adder_precision``."""
+    e_mult, e_add = ENERGY_PJ[precision]
+    if adder_precision == precision:
+        return ops["mults"] * e_mult + ops["adds"] * e_add
+    adder_adds = 2 * ops["adder_ops"]
+    return ops["mults"] * e_mult + (ops["adds"] - adder_adds) * e_add \
+        + adder_adds * ENERGY_PJ[adder_precision][1]
+
+
+def count_ops(model, out_size=(720, 1280), precision="fp32", adder_precision=None):
     """Operation counts and energy of ``model`` for one image of ``out_size=(H, W)``.
 
     Returns ``dict(mults, adds, adder_ops, macs, pows, energy_pj, layers)``; ``macs``
     counts convolutions only (they are also in ``mults`` and ``adds``); ``layers`` is a
     list of per-module dicts (``name``, ``type``, ``shape`` of the traced output - LR size
     rounded up to whole pixels -, the counts, ``energy_pj``) for every module that computes something, children before parents.
-    ``precision``: "fp32" (default), "int32" or "int8" energy constants.
+    ``precision``: "fp32" (default), "int32" or "int8" energy constants; ``adder_precision``:
+    those of the adder layers' adds (default: the model's ``adder_precision`` attribute,
+    "int8" for :func:`addersr.quant.quantize` models, else ``precision``).
     """
-    if precision not in ENERGY_PJ:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(ENERGY_PJ)}")
-    e_mult, e_add = ENERGY_PJ[precision]
+    adder_precision = adder_precision or getattr(model, "adder_precision", None) or precision
+    for p in (precision, adder_precision):
+        if p not in ENERGY_PJ:
+            raise ValueError(f"unknown precision {p!r}; expected one of {sorted(ENERGY_PJ)}")
     h, w = _size(out_size)
     s = getattr(model, "scale", None)
     if s is None:
@@ -89,11 +104,11 @@ def count_ops(model, out_size=(720, 1280), precision="fp32"):
         if not any(ops.values()):
             continue
         ops = {k: round(v * prorate) for k, v in ops.items()}
-        ops["energy_pj"] = ops["mults"] * e_mult + ops["adds"] * e_add
+        ops["energy_pj"] = _energy(ops, precision, adder_precision)
         layers.append({"name": name or "(model)", "type": type(m).__name__,
                        "shape": tuple(out.shape[1:]), **ops})
     totals = {k: sum(layer[k] for layer in layers) for k in _KEYS}
-    totals["energy_pj"] = totals["mults"] * e_mult + totals["adds"] * e_add
+    totals["energy_pj"] = _energy(totals, precision, adder_precision)
     return {**totals, "layers": layers}
 
 
@@ -122,6 +137,8 @@ def main(argv=None):
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         parser.error(f"--size must look like 1280x720, got {args.size!r}")
+    if width < 1 or height < 1:
+        parser.error(f"--size must be at least 1x1, got {args.size!r}")
     rows = []
     for op, label in (("conv", "CNN"), ("adder", "AdderSR")):
         with torch.device("meta"):

@@ -23,7 +23,8 @@ from . import metrics
 from .data import imresize, list_images, read_image
 from .images import ImageError, save_png
 
-__all__ = ["crop_to_scale", "evaluate", "load_images", "make_pair", "super_resolve", "to_uint8"]
+__all__ = ["crop_to_scale", "evaluate", "load_images", "make_pair", "super_resolve", "to_uint8",
+           "unscorable"]
 
 def _check_scale(scale):
     if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
@@ -45,6 +46,20 @@ def crop_to_scale(hr, scale):
     if h == 0 or w == 0:
         raise ValueError(f"a {hr.shape[0]}x{hr.shape[1]} image is smaller than the scale {scale}")
     return hr[:h, :w]
+
+
+def unscorable(shape, scale):
+    """Why an HR image of ``shape`` (height, width, ...) cannot be scored at ``scale``, or
+    None: smaller than the scale, or less than SSIM's window left after the border crop."""
+    h, w = shape[0] - shape[0] % scale, shape[1] - shape[1] % scale
+    left = min(h, w) - 2 * scale
+    if left >= metrics.SSIM_WINDOW:
+        return None
+    size = f"{shape[1]}x{shape[0]}"
+    if h == 0 or w == 0:
+        return f"a {size} image is smaller than the scale {scale}"
+    return (f"a {size} image keeps {max(left, 0)} pixels on its short side after the x{scale} "
+            f"border crop; SSIM needs {metrics.SSIM_WINDOW}")
 
 
 def make_pair(hr, scale):

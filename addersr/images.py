@@ -35,7 +35,12 @@ class ImageError(ValueError):
 
 
 class ImageTooLarge(ImageError):
-    """An image over a size limit (ours, or the most pixels Pillow agrees to decode)."""
+    """An image over a size limit (ours, or the most pixels Pillow agrees to decode);
+    ``.what``: the reason without the limit (for messages that state the limit their way)."""
+
+    def __init__(self, path, reason, what=None):
+        super().__init__(path, reason)
+        self.what = what or reason
 
 
 @contextlib.contextmanager
@@ -51,7 +56,10 @@ def open_image(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
+            _one_frame(img, path)
             yield img
+    except ImageError:
+        raise
     except Image.DecompressionBombError as err:
         limit = 2 * Image.MAX_IMAGE_PIXELS / 1e6
         raise ImageTooLarge(path, f"more than {limit:.0f} megapixels, the most this program "
@@ -60,6 +68,14 @@ def open_image(path):
         raise ImageError(path, "not an image file Pillow recognises") from err
     except (OSError, SyntaxError, ValueError, png.Error, zlib.error, struct.error) as err:
         raise ImageError(path, f"damaged or unsupported image ({reason(err)})") from err
+
+
+def _one_frame(img, path):
+    """Refuse an animated or multi-page image: only its first frame would be used."""
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:
+        raise ImageError(path, f"an animated or multi-page image ({frames} frames); save the "
+                               "frame you want as a still image")
 
 
 def image_size(path):
@@ -73,9 +89,9 @@ def check_size(path, scale, max_pixels):
     the image enlarged ``scale`` times would have more than ``max_pixels`` pixels."""
     w, h = image_size(path)
     if w * h * scale * scale > max_pixels:
-        raise ImageTooLarge(path, f"{w}x{h} at x{scale} would give a {w * scale}x{h * scale} "
-                                  f"image ({w * h * scale * scale / 1e6:.1f} megapixels); the "
-                                  f"limit is {max_pixels / 1e6:.1f} megapixels")
+        what = (f"{w}x{h} at x{scale} would give a {w * scale}x{h * scale} image "
+                f"({w * h * scale * scale / 1e6:.1f} megapixels)")
+        raise ImageTooLarge(path, f"{what}; the limit is {max_pixels / 1e6:.1f} megapixels", what)
     return w, h
 
 

@@ -18,6 +18,7 @@ from numba import njit
 __all__ = ["lpips", "psnr", "rgb_to_y", "ssim"]
 
 _WINDOW = 11
+SSIM_WINDOW = _WINDOW  # the least side an image needs after cropping, for SSIM
 _SIGMA = 1.5
 
 

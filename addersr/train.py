@@ -3,12 +3,16 @@
 Recipes (DESIGN.md 2, EDSR-PyTorch defaults; :mod:`addersr.training.config`): L1 loss on RGB
 (EDSR) or the Y channel (VDSR), Adam at 1e-4 halved every 200,000 of 300,000 iterations;
 adder models train with the adder recipe (SGD at 0.08 and AdderNet's adaptive rate,
-``--eta``; docs/training.md). One model per scale. ``--teacher WEIGHTS`` adds distillation
+``--eta``; docs/training.md). One model per scale, but for VDSR's multi-scale training:
+``--scale 2 3 4`` trains one network on batches mixing the scales, validates it at each (their
+mean PSNR picks the best) and exports it once. ``--teacher WEIGHTS`` adds distillation
 from a trained model of the same scale (``--distill``, ``--distill-features``). The whole
 recipe is recorded in the exported JSON (``recipe``).
 
 Checkpoints ``last.pt`` / ``best.pt`` (best Set5 PSNR) in ``--out`` hold everything
-``--resume`` needs to continue exactly, data order included. A lease-sized run:
+``--resume`` needs to continue exactly, data order included (and a lower ``--lr`` after a
+divergence). SIGTERM or Ctrl-C ends the current step, writes the checkpoint and the
+``--export`` weights, and exits naming the command that continues. A lease-sized run:
 ``--time-limit MINUTES`` stops cleanly at the deadline (checkpoint and export included);
 ``--init WEIGHTS`` starts from exported weights, loading every tensor whose name and shape
 match, and, when the architecture and scale are the same, continues their step count, data
@@ -31,7 +35,9 @@ from pathlib import Path
 import torch
 
 from .device import DeviceError, resolve
-from .training import checkpoint, config, distributed, optim
+from .files import reason
+from .signals import StopRequest, exit_status, name, received
+from .training import checkpoint, config, distributed, lock, optim, preflight, recovery
 from .training.checkpoint import load_checkpoint
 from .training.config import ADDER_RECIPE, OTHER_LR, ConfigError
 from .training.distill import Distiller
@@ -46,7 +52,8 @@ def parse_args(argv=None):
     """Parse the command line; options left out are None (filled by the recipe later)."""
     p = argparse.ArgumentParser(prog="python -m addersr.train", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="vdsr, edsr-baseline or edsr (default edsr)")
-    p.add_argument("--scale", type=int, default=None, help="2, 3 or 4 (default 4)")
+    p.add_argument("--scale", type=int, nargs="+", default=None,
+                   help="2, 3 or 4 (default 4); vdsr: several (e.g. 2 3 4) train one network for all")
     p.add_argument("--op", choices=["adder", "conv"], default=None, help="default adder")
     p.add_argument("--arch", nargs="+", default=None, metavar="KEY=VALUE", type=_arch_item,
                    help="architecture overrides passed to addersr.models.build, e.g. "
@@ -73,6 +80,11 @@ def parse_args(argv=None):
                         "weights (default 2e-4, the CNN twins')")
     p.add_argument("--clip-grad", type=float, default=None,
                    help="clip the gradient norm of all parameters to this value (default 0: off)")
+    p.add_argument("--clip-adjustable", type=float, default=None, metavar="THETA",
+                   help="VDSR's adjustable gradient clipping: each gradient value to +-THETA / the "
+                        "current learning rate (default 0: off; VDSR's paper: 0.01 with SGD from 0.1)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="SGD's weight decay (default 0; VDSR's paper: 1e-4)")
     adder = p.add_argument_group("adder layers (ignored for --op conv; defaults: ADDER_RECIPE, docs/training.md)")
     adder.add_argument("--eta", type=float, default=None,
                        help="AdderNet adaptive learning rate of adder layers (default 0.2; 0 disables)")
@@ -122,6 +134,9 @@ def parse_args(argv=None):
                    help="float16 autocast with a gradient scaler (op=conv only)")
     args = p.parse_args(argv)
     args.parser = p
+    # one scale: "scale" as always; several: "scale" is the first and "scales" all of them
+    args.scales = args.scale if args.scale and len(args.scale) > 1 else None
+    args.scale = args.scale[0] if args.scale else None
     return args
 
 
@@ -155,18 +170,29 @@ def main(argv=None):
         model, parent = _model(cfg, start, init)
         cfg["data_root"] = str(config.data_root(cfg))
         val_folder = config.val_folder(cfg)
+        preflight.check(cfg, val_folder)
         device = _device(cfg)
     rank, world, device = distributed.setup_distributed(device)
     deadline = started + 60 * cfg["time_limit"] if cfg["time_limit"] else None
+    # SIGINT/SIGTERM from here on: a first one stops after the next step (with its checkpoint)
+    stop = StopRequest("stopping after this step, then writing the checkpoint"
+                       + (" and the weights" if cfg["export"] else ""))
     try:
-        with _one_line_errors(args.parser):
+        with _one_line_errors(args.parser), lock.run_lock(cfg["out"], main=rank == 0), stop:
             trainer = _trainer(cfg, model, rank, world, device, start, val_folder, parent, deadline)
-        if start is not None and trainer.main:
-            print(f"resuming {path} at iteration {trainer.iteration}", file=sys.stderr)
-        _train(trainer)
-        if cfg["export"] and trainer.main:
-            trainer.export(cfg["export"])
-        return trainer
+            trainer.stop = stop
+            if start is not None and path.resolve() == (trainer.out / "last.pt").resolve():
+                trainer.saved = trainer.iteration  # the checkpoint it continues is there
+            if start is not None and trainer.main:
+                print(f"resuming {path} at iteration {trainer.iteration}", file=sys.stderr)
+            _train(trainer)
+            return trainer
+    except KeyboardInterrupt:  # a second signal while the run was being built
+        last = Path(cfg["out"]) / "last.pt"
+        print("interrupted before training: " + (
+            f"{last} is kept; continue with `{recovery.resume_command(cfg['out'])}`" if last.is_file()
+            else f"no checkpoint was written to {cfg['out']}"), file=sys.stderr)
+        raise SystemExit(exit_status(received())) from None
     finally:
         distributed.teardown(world)
 
@@ -198,7 +224,7 @@ def _config(args):
             start = load_checkpoint(path)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"cannot resume: {err}") from None
-        cfg = config.merge_resume(_options(args), cfg, start["config"])
+        cfg = config.merge_resume(_options(args), cfg, start["config"], int(start["iteration"]))
     config.check(cfg)
     return cfg, start, path, init
 
@@ -232,15 +258,17 @@ def _trainer(cfg, model, rank, world, device, start, val_folder, parent, deadlin
         scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"])
         progress = (checkpoint.restore(start, model, optimizer, scaler) if start is not None
                     else checkpoint.init_progress(parent))
+        if start is not None:  # the config's base rates (a lowered --lr), not the checkpoint's
+            recovery.apply_base_rates(optimizer, optim.build_optimizer(model, cfg))
         iteration = progress.get("iteration", 0)
         net = distributed.wrap(model, world, device)
         distiller = Distiller(cfg, model, device) if cfg["teacher"] else None
         if main:
             print(f"loading training images from {cfg['data_root']} ({' '.join(cfg['train_sets'])}) "
-                  f"and making x{cfg['scale']} LR images ...", file=sys.stderr)
+                  f"and making x{config.scale_label(cfg)} LR images ...", file=sys.stderr)
         images, _ = load_training_images(cfg["data_root"], cfg["train_sets"])
         data = PatchBatches(images, cfg["scale"], cfg["patch"], cfg["batch"], seed=cfg["seed"],
-                            rank=rank, length=max(cfg["iters"], iteration))
+                            rank=rank, length=max(cfg["iters"], iteration), scales=cfg.get("scales"))
         if main and data.skipped:
             print(f"skipped {data.skipped} images smaller than one patch", file=sys.stderr)
         writer = None
@@ -258,24 +286,46 @@ def _trainer(cfg, model, rank, world, device, start, val_folder, parent, deadlin
 
 
 def _train(trainer):
-    """Run the loop; a diverged or interrupted run ends with a one-line message; the summary."""
+    """Run the loop and the export; the summary. A diverged run, a failed export or a stop by
+    a signal (SIGINT, SIGTERM: after the step, its checkpoint and export) ends with a
+    one-line message naming what was written and how to continue."""
     try:
         trainer.train()
+        exported = _export(trainer)
+        trainer.stop.hold()  # all is written: later signals change nothing
     except TrainingDiverged as err:
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted at iteration {trainer.iteration}; the last checkpoint in "
-                         f"{trainer.out} is intact (continue with --resume)") from None
+        print(f"interrupted at iteration {trainer.iteration}: {recovery.checkpoint_note(trainer)}",
+              file=sys.stderr)
+        raise SystemExit(exit_status(received())) from None
     finally:
         if trainer.writer:
             trainer.writer.close()
+    if trainer.signalled:
+        if trainer.main:
+            print(recovery.stop_message(trainer, name(trainer.stop.signum), exported), file=sys.stderr)
+        raise SystemExit(exit_status(trainer.stop.signum))
     if trainer.main:
         val = trainer.last_val
         print(("time limit reached: " if trainer.stopped_early else "done: ")
               + f"{trainer.iteration} iterations, {trainer.seconds:.0f} s of training"
-              + (f"; validation PSNR {val['psnr']:.3f} dB at iteration {val['iteration']}" if val else "")
-              + (f"; continue with --resume (checkpoint in {trainer.out})" if trainer.stopped_early else ""),
+              + (f"; validation PSNR {val['psnr']:.3f} dB" + (" (mean of the scales)" if "by_scale" in val else "")
+                 + f" at iteration {val['iteration']}" if val else "")
+              + (f"; continue with `{recovery.resume_command(trainer.out)}`" if trainer.stopped_early else ""),
               file=sys.stderr)
+
+
+def _export(trainer):
+    """Export the weights to ``--export`` (rank 0); their path, or None when not asked for."""
+    path = trainer.cfg["export"]
+    if not (path and trainer.main):
+        return None
+    try:
+        trainer.export(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit("error: " + recovery.export_failed(trainer, path, reason(err))) from None
+    return path
 
 
 if __name__ == "__main__":

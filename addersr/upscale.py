@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import signals
 from .device import DeviceError, resolve
 from .files import OutputError, prepare_output_dir, reason
 from .images import ImageError, ImageTooLarge, check_size, load_image, save_png
@@ -69,16 +70,18 @@ def _expand(inputs):
     return files, missing
 
 
-def _load_model(weights, device):
-    from .models import list_weights, load
+def _load_model(weights, device, precision="fp32", scale=None):
+    from .models import list_weights, load, trained_scales
 
     if weights is None:
-        shipped = list_weights()
+        shipped = [w for w in list_weights() if precision == "fp32" or w[1]["op"] == "adder"]
         if not shipped:
             raise ValueError("no trained weights ship with this installation; "
                              "pass --weights PATH to a NAME.safetensors file")
+        if scale is not None:  # the first shipped weights trained for that scale
+            shipped = [w for w in shipped if scale in trained_scales(w[1])] or shipped
         weights = shipped[0][0]
-    return load(weights, device=device)
+    return load(weights, device=device, precision=precision, scale=scale)
 
 
 def _pixels(text):
@@ -111,6 +114,11 @@ def _parser():
                         f"(default {DEFAULT_MAX_PIXELS}: {DEFAULT_MAX_PIXELS / 1e6:.0f} "
                         "megapixels; 1e8 is accepted)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="int8: 8-bit adder layers on the CPU (adder weights with NAME.int8.json)")
+    p.add_argument("--scale", type=int, default=None, metavar="S",
+                   help="enlargement: one of the scales the weights were trained for (multi-scale "
+                        "VDSR weights serve several; default: their recorded scale)")
     return p
 
 
@@ -122,6 +130,46 @@ def _upscale_file(path, model, args, bar):
     if args.tile == 0:  # one tile covering the whole image
         tile = max(image.size if isinstance(image, Image.Image) else image.shape[:2])
     return upscale(image, model, tile=tile, progress=bar)
+
+
+def _batch(images, files, model, args, out_dir, written, failures):
+    """Upscale ``files`` (iterated through the tqdm ``images``) into ``out_dir``: each result
+    recorded in ``written`` (output -> input), each file that fails in ``failures``."""
+    from tqdm import tqdm
+
+    inputs = {p.resolve() for p in files}
+    for done, path in enumerate(images):
+        target = out_dir / output_name(path, model.scale)
+        try:
+            if target.resolve() in inputs:
+                raise ValueError(f"refusing to overwrite the input file {target}")
+            if target.resolve() in written:
+                raise ValueError(f"{target} is already the output of {written[target.resolve()]} "
+                                 "(two inputs share the stem)")
+            with tqdm(desc=path.name, unit="tile", file=sys.stderr, leave=False,
+                      mininterval=0) as tiles:  # every tile shown, with the time left
+                result = _upscale_file(path, model, args, tiles)
+        except ImageError as err:  # its message names the file
+            failures.append(path)
+            hint = "; allow more with --max-pixels N" if isinstance(err, ImageTooLarge) else ""
+            tqdm.write(f"error: {err}{hint}", file=sys.stderr)
+            continue
+        except Exception as err:  # one bad file must not stop the batch
+            failures.append(path)
+            tqdm.write(f"error: {path}: {err}", file=sys.stderr)
+            continue
+        try:
+            save_png(result, target)
+        except OSError as err:
+            failures.append(path)
+            tqdm.write(f"error: cannot write {target}: {reason(err)}", file=sys.stderr)
+            if err.errno in _DISK_ERRORS:
+                failures.extend(files[done + 1:])
+                tqdm.write(f"error: stopping: no further file can be written to {out_dir}",
+                           file=sys.stderr)
+                break
+            continue
+        written[target.resolve()] = path
 
 
 def main(argv=None):
@@ -153,49 +201,27 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        model = _load_model(args.weights, device)
+        model = _load_model(args.weights, device, args.precision, args.scale)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: cannot load weights: {err}", file=sys.stderr)
         return 2
-    inputs = {p.resolve() for p in files}
     written, failed = {}, len(missing)
     start = time.perf_counter()
     images = tqdm(files, unit="image", file=sys.stderr, desc=f"x{model.scale}")
-    for done, path in enumerate(images):
-        target = out_dir / output_name(path, model.scale)
+    stopped, failures = None, []
+    with signals.interruptible():  # Ctrl-C, SIGTERM: the files written stay, complete
         try:
-            if target.resolve() in inputs:
-                raise ValueError(f"refusing to overwrite the input file {target}")
-            if target.resolve() in written:
-                raise ValueError(f"{target} is already the output of {written[target.resolve()]} "
-                                 "(two inputs share the stem)")
-            with tqdm(desc=path.name, unit="tile", file=sys.stderr, leave=False,
-                      mininterval=0) as tiles:  # every tile shown, with the time left
-                result = _upscale_file(path, model, args, tiles)
-        except ImageError as err:  # its message names the file
-            failed += 1
-            hint = "; allow more with --max-pixels N" if isinstance(err, ImageTooLarge) else ""
-            tqdm.write(f"error: {err}{hint}", file=sys.stderr)
-            continue
-        except Exception as err:  # one bad file must not stop the batch
-            failed += 1
-            tqdm.write(f"error: {path}: {err}", file=sys.stderr)
-            continue
-        try:
-            save_png(result, target)
-        except OSError as err:
-            failed += 1
-            tqdm.write(f"error: cannot write {target}: {reason(err)}", file=sys.stderr)
-            if err.errno in _DISK_ERRORS:
-                failed += len(files) - done - 1
-                tqdm.write(f"error: stopping: no further file can be written to {out_dir}",
-                           file=sys.stderr)
-                break
-            continue
-        written[target.resolve()] = path
+            _batch(images, files, model, args, out_dir, written, failures)
+        except KeyboardInterrupt:
+            stopped = signals.received()
+    failed += len(failures)
     images.close()
     print(f"{len(written)} written to {out_dir}, {failed} failed, "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if stopped:
+        print(f"interrupted by {signals.name(stopped)}: {len(files) - len(written) - len(failures)} "
+              "images not done (no partial file is left)", file=sys.stderr)
+        return signals.exit_status(stopped)
     return 1 if failed else 0
 
 

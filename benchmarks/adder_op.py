@@ -34,7 +34,42 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input
 
-CPU_LIMIT = 39.2e9  # DESIGN.md 1: 2 add pipes x 8 fp32 lanes x 2.45 GHz x 2 cores / 2 adds per op
+
+
+def cpu_limit():
+    """This CPU's fp32 limit in adder ops/s, and how it was computed.
+
+    2 vector add pipes x fp32 lanes x clock x cores / 2 adds per adder op (DESIGN.md 1).
+    Lanes: 16 where Intel CPUs have AVX-512 (512-bit adds on ports 0 and 5 of Sapphire /
+    Emerald Rapids), 8 with AVX2 (also AMD Zen 4, whose AVX-512 splits into 256-bit
+    halves), else 4. Clock: /proc/cpuinfo's "cpu MHz" (under a hypervisor the nominal
+    clock; turbo is not counted). Cores: the CPUs this process may use. The kernels need
+    3 vector instructions per adder op on those pipes (forward: sub, and, add; input
+    gradient: max, min, fma), so 2/3 of this limit is their instruction floor.
+    """
+    flags, mhz, vendor = set(), 0.0, ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "flags" and not flags:
+                    flags = set(value.split())
+                elif key == "cpu MHz" and not mhz:
+                    mhz = float(value)
+                elif key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+    except OSError:
+        pass
+    lanes = 16 if "avx512f" in flags and vendor == "GenuineIntel" else 8 if "avx2" in flags else 4
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ghz = (mhz or 2000.0) / 1e3
+    limit = 2 * lanes * ghz * 1e9 * cores / 2
+    how = f"2 add pipes x {lanes} fp32 lanes x {ghz:.2f} GHz x {cores} cores / 2 adds per op"
+    return limit, how
+
+
+CPU_LIMIT, CPU_LIMIT_HOW = cpu_limit()  # this machine: 73.6 G op/s (Xeon EMR, AVX-512, 2.3 GHz, 2 cores)
 GPU_LIMIT = 16.7e12  # DESIGN.md 1: H100 fp32 67 TFLOP/s / 2 adds per op
 DEFAULT_SHAPES = {"cpu": ["1x64x96x96:64", "16x64x48x48:64", "1x256x48x48:256"],
                   "cuda": ["16x64x48x48:64", "16x256x48x48:256", "64x64x41x41:64"]}
@@ -260,13 +295,14 @@ def machine(device):
 
 def report(device, shapes, results, repeat, min_seconds):
     limit = GPU_LIMIT if device == "cuda" else CPU_LIMIT
+    how = "DESIGN.md 1" if device == "cuda" else CPU_LIMIT_HOW + "; the kernels' instruction floor is 2/3 of it"
     unit = "T" if device == "cuda" else "G"
     scale = 1e12 if device == "cuda" else 1e9
     out = [f"# Adder operator throughput ({device})", "", *machine(device), "",
            f"3x3 filters, stride 1, padding 1; best of at least {repeat} runs (fast methods: of "
            f"{min_seconds:g} s of runs; unfold and cdist: of at most 10 s of runs). "
            f"{unit} op/s = adder ops per second (conv2d rows: MAC/s); a training step counts 3 passes. "
-           f"Limit: {limit / scale:g} {unit} op/s (DESIGN.md 1). Peak = memory rise during one call.", ""]
+           f"Limit: {limit / scale:.3g} {unit} op/s ({how}). Peak = memory rise during one call.", ""]
     for shape in shapes:
         n, c, h, w, o = shape
         ops = n * o * c * K * K * h * w

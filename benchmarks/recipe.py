@@ -236,33 +236,46 @@ def plot(results, order, bicubic, path):
         axes[0].set_ylim(max(min(lows) - 0.3, bicubic - 4), max(lows) + 0.3)
     fig.suptitle("Adder EDSR-baseline 4x32 vs its CNN twin, x2 (T91, batch 16 of 24x24, cosine schedule, "
                  "same data order)")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure as PNG under a temporary name, then rename it; close it."""
+    import matplotlib.pyplot as plt
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def study_args(argv, doc, name, unit, names):
+    """Parse the options of a small-model study (this script, backbones.py): data, steps,
+    which runs (``names``, each a ``unit``), where results, plot and run folders go."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--data", type=Path, default=os.environ.get("ADDERSR_DATA"),
                    help="folder holding train/ and benchmark/ (default $ADDERSR_DATA)")
-    p.add_argument("--steps", type=int, default=800, help="training steps per variant (default 800)")
-    p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these variants")
-    p.add_argument("--rerun", nargs="+", default=[], metavar="NAME", help="measure these again")
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "recipe.json")
-    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "recipe.png")
-    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "recipe",
-                   help="run folders and the CNN teacher's weights (default runs/recipe)")
+    p.add_argument("--steps", type=int, default=800, help=f"training steps per {unit} (default 800)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME", help=f"run only these {unit}s")
+    p.add_argument("--rerun", nargs="+", default=[], metavar="NAME", help=f"measure these {unit}s again")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / f"{name}.json")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / f"{name}.png")
+    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / name,
+                   help=f"run folders (and the CNN teacher's weights) (default runs/{name})")
     args = p.parse_args(argv)
     if args.data is None or not (args.data / "train" / "T91").is_dir():
         p.error("pass --data FOLDER (holding train/T91 and benchmark/Set5) or set ADDERSR_DATA")
     if args.steps < 4 or args.steps % 4:
         p.error("--steps must be a positive multiple of 4")
-    names = [v[0] for v in VARIANTS]
     unknown = sorted(set((args.only or []) + args.rerun) - set(names))
     if unknown:
-        p.error(f"unknown variant(s) {unknown}; available: {', '.join(names)}")
+        p.error(f"unknown {unit}(s) {unknown}; available: {', '.join(names)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv=None):
+    names = [v[0] for v in VARIANTS]
+    args = study_args(argv, __doc__, "recipe", "variant", names)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     saved = _load(args.results)
     results = saved.get("variants", {}) if saved.get("steps") == args.steps else {}

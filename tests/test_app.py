@@ -21,7 +21,7 @@ from PIL import Image
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
-from addersr import models  # noqa: E402
+from addersr import metrics, models, quant  # noqa: E402
 from addersr.data import imresize  # noqa: E402
 from addersr.demo import (Cancelled, Catalogue, Refused, Upscaler, catalogue, checks,  # noqa: E402
                           service)
@@ -348,6 +348,95 @@ def test_without_weights_the_app_still_builds(tmp_path):
     assert "No model weights found" in config
 
 
+# ----------------------------------------------------------------------- 8-bit adder layers
+
+SHIPPED_X2 = "edsr-small-x2-adder-cpu"  # shipped with its int8 calibration
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return Upscaler(ROOT / "weights", device="cpu")
+
+
+def _set5_crop(tmp_path):
+    with Image.open(catalogue.ASSETS / "butterfly.png") as im:
+        im.convert("RGB").crop((70, 90, 130, 138)).save(tmp_path / "crop.png")
+    return tmp_path / "crop.png"
+
+
+def _psnr_between(a, b):
+    with Image.open(a) as x, Image.open(b) as y:
+        return metrics.psnr(np.asarray(x), np.asarray(y))
+
+
+def test_int8_request_gives_the_fp32_picture(tmp_path, shipped):
+    """A calibrated adder model runs in int8 by default (service and page handler): the
+    picture within 45 dB of fp32's, the energy with the adder layers' adds at INT8."""
+    crop = _set5_crop(tmp_path)
+    assert shipped.precisions(SHIPPED_X2) == ("int8", "fp32")
+    r8, r32 = shipped.upscale(crop, SHIPPED_X2), shipped.upscale(crop, SHIPPED_X2, precision="fp32")
+    assert (r8.precision, r32.precision) == ("int8", "fp32") and r8.output != r32.output
+    assert _psnr_between(r8.output, r32.output) > 45
+    meta = shipped.catalogue.weights[SHIPPED_X2]
+    net = models.build(meta["model"], 2, "adder", **meta["config"])
+    want = count_ops(net, (96, 120), adder_precision="int8")["energy_pj"]
+    assert r8.ops["energy_pj"] == pytest.approx(want) and want < r32.ops["energy_pj"]
+    assert r8.ops["adds"] == r32.ops["adds"] and r8.twin_ops == r32.twin_ops  # twin: fp32 CNN
+    handle = app.handler(shipped)
+    out8, _, stats8 = handle(str(crop), SHIPPED_X2, 0, "bicubic", None, "int8", progress=Recorder())
+    out32, _, stats32 = handle(str(crop), SHIPPED_X2, progress=Recorder(), precision="fp32")
+    assert _psnr_between(out8, out32) > 45
+    assert "8-bit adder layers (int8)" in stats8 and "INT8 add 0.03 pJ" in stats8
+    assert app._energy(want) in stats8 and app._energy(r32.ops["energy_pj"]) in stats32
+    assert "32-bit float (fp32)" in stats32 and "INT8" not in stats32
+
+
+def test_int8_is_refused_where_it_does_not_run(tmp_path, shipped, upscaler):
+    """int8 for a CNN, for uncalibrated weights, at another scale than the calibrated one, or
+    an unknown precision: a one-line Refused (gr.Error on the page) naming no folder."""
+    crop = _set5_crop(tmp_path)
+    with pytest.raises(Refused, match="edsr-small-x2-conv-cpu is a CNN.*choose fp32") as exc:
+        shipped.upscale(crop, "edsr-small-x2-conv-cpu", precision="int8")
+    assert "/" not in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(gr.Error, match="is a CNN"):
+        app.handler(shipped)(str(crop), "edsr-small-x2-conv-cpu", precision="int8",
+                             progress=Recorder())
+    assert shipped.precisions("edsr-small-x2-conv-cpu") == ("fp32",)
+    assert shipped.upscale(crop, "edsr-small-x2-conv-cpu").precision == "fp32"
+    with pytest.raises(Refused, match="vdsr_x2_adder has no int8 calibration"):
+        upscaler.upscale(crop, "vdsr_x2_adder", precision="int8")
+    with pytest.raises(Refused, match="Precision 'fp16'"):
+        shipped.check(crop, SHIPPED_X2, precision="fp16")
+    # multi-scale weights calibrated at their recorded x2: int8 there only
+    model = models.build("vdsr", 2, op="adder", depth=3, n_feats=8)
+    models.save(model, tmp_path / "ms", {"scales": [2, 3]})
+    rng = np.random.default_rng(8)
+    images = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(2)]
+    quant.save_calibration(tmp_path / "ms", quant.calibrate(model, images), ["a", "b"])
+    up = Upscaler(tmp_path, device="cpu")
+    assert up.precisions("ms") == up.precisions("ms", 2) == ("int8", "fp32")
+    assert up.precisions("ms", 3) == ("fp32",)
+    with pytest.raises(Refused, match="int8.*serves ms at x2 only.*choose fp32"):
+        up.upscale(crop, "ms", scale=3, precision="int8")
+    assert up.upscale(crop, "ms", scale=2).precision == "int8"
+    assert up.upscale(crop, "ms", scale=3).precision == "fp32"
+
+
+def test_precision_control_shown_for_calibrated_models(weights_dir, shipped):
+    """The page offers the precision (on int8, with its sentence) for a calibrated model and
+    hides it for a CNN or uncalibrated weights."""
+    config = app.build_demo(weights_dir=ROOT / "weights", device="cpu").get_config_file()
+    control = _component(config, "precision")
+    assert control["visible"] is not False and control["value"] == "int8"
+    assert [c[1] for c in control["choices"]] == ["int8", "fp32"] and control["info"] == app.INT8_NOTE
+    ctrl = app.precision_control(shipped, "edsr-small-x2-conv-cpu")
+    assert ctrl.visible is False and ctrl.value == "fp32"
+    ctrl = app.precision_control(shipped, SHIPPED_X2)
+    assert ctrl.visible and ctrl.value == "int8"
+    config = app.build_demo(weights_dir=weights_dir, device="cpu").get_config_file()
+    assert _component(config, "precision")["visible"] is False
+
+
 def test_examples_are_reduced_set5(tmp_path):
     paths = service.example_images(tmp_path)
     assert sorted(p.name for p in paths) == sorted(p.name for p in catalogue.ASSETS.glob("*.png"))
@@ -377,6 +466,10 @@ def test_api_endpoint(served, tmp_path):
     params = api["parameters"]
     assert params[0]["parameter_name"] == "image" and not params[0]["parameter_has_default"]
     assert all(p["parameter_has_default"] for p in params[1:])
+    # the scale, then the precision, added last, default to the weights' recorded scale and
+    # int8 where calibrated (else fp32): old calls keep working
+    assert [p["parameter_name"] for p in params[-2:]] == ["scale", "precision"]
+    assert params[-2]["parameter_default"] is None and params[-1]["parameter_default"] is None
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (9, 12, 3), dtype=np.uint8)).save(
         tmp_path / "in.png")
     result, pair, stats = client.predict(handle_file(str(tmp_path / "in.png")), api_name="/upscale")
@@ -562,3 +655,30 @@ def test_default_is_the_best_adder_model(tmp_path):
     (tmp_path / "c_adder.json").unlink()
     (tmp_path / "c_adder.safetensors").unlink()
     assert Catalogue(tmp_path).default() == "a_adder"
+
+
+def test_multi_scale_weights_are_offered_at_each_of_their_scales(tmp_path):
+    """Weights trained for x2, x3 and x4 at once (multi-scale VDSR): the scale control offers
+    the three, the dropdown lists them under each with that scale's Set5 score, the note
+    follows the scale, and the handler runs at the scale asked for (default: the recorded one)."""
+    bicubic = {s: catalogue.bicubic_set5(s) for s in (2, 3, 4)}
+    by_scale = {str(s): {"Set5": {"psnr": bicubic[s] + s}} for s in (2, 3, 4)}  # gains +2, +3, +4
+    models.save(models.build("vdsr", 2, op="adder", depth=3, n_feats=8), tmp_path / "ms",
+                {"scales": [2, 3, 4], "metrics": by_scale["2"], "metrics_by_scale": by_scale})
+    demo = app.build_demo(weights_dir=tmp_path, device="cpu")
+    scale = _component(demo.get_config_file(), "scale")
+    assert scale["visible"] is not False and [c[0] for c in scale["choices"]] == ["x2", "x3", "x4"]
+    cat = demo.upscaler.catalogue
+    for s in (2, 3, 4):
+        (label, name), = cat.choices(s)
+        assert name == "ms" and label.startswith(f"vdsr x{s} ") and f"Set5 {bicubic[s] + s:.2f} dB" in label
+        assert f"at x{s} it scores {bicubic[s] + s:.2f} dB, +{s}.00 dB" in app.quality_note(cat, "ms", s)
+    Image.new("RGB", (6, 5), (10, 200, 30)).save(tmp_path / "in.png")
+    handle = app.handler(demo.upscaler)
+    for s, want in ((3, 3), (None, 2), (4.0, 4)):
+        out, _, stats = handle(str(tmp_path / "in.png"), "ms", 0, "bicubic", s, progress=Recorder())
+        with Image.open(out) as im:
+            assert im.size == (6 * want, 5 * want)
+        assert f"vdsr x{want} " in stats and f"Set5 {bicubic[want] + want:.2f} dB" in stats
+    with pytest.raises(gr.Error, match="ms enlarges x2, x3, x4, not x5"):
+        handle(str(tmp_path / "in.png"), "ms", 0, "bicubic", 5, progress=Recorder())

@@ -152,6 +152,18 @@ def test_page_checks_uploads_labels_and_busy_button(served, tmp_path, monkeypatc
     assert "Download" in label and any(u.endswith(f"ok_x{scale}_{name}.png") for u in links), links
 
 
+def _upscale_on_page(page, path, done):
+    """Upload ``path``, press Upscale once it is allowed, and return the statistics once they
+    include the text ``done``."""
+    page.locator("#input-image input[type=file]").set_input_files(str(path))
+    page.wait_for_function("() => !document.querySelector('#upscale-button').disabled",
+                           timeout=30_000)
+    page.click("#upscale-button")
+    page.wait_for_function(f"() => document.querySelector('#stats').innerText.includes({done!r})",
+                           timeout=120_000)
+    return page.inner_text("#stats")
+
+
 def test_compare_with_the_cnn_twin_on_the_page(served, tmp_path):
     """Choosing the twin renames the slider's halves and shows the twin's result on the left."""
     url, upscaler = served
@@ -168,13 +180,71 @@ def test_compare_with_the_cnn_twin_on_the_page(served, tmp_path):
         page.wait_for_function(
             "() => document.querySelector('#comparison').innerText.includes('its CNN twin')",
             timeout=30_000)
-        page.locator("#input-image input[type=file]").set_input_files(str(tmp_path / "ok.png"))
-        page.wait_for_function("() => !document.querySelector('#upscale-button').disabled",
-                               timeout=30_000)
-        page.click("#upscale-button")
-        page.wait_for_function(
-            "() => document.querySelector('#stats').innerText.includes('Left of the slider')", timeout=120_000)
-        stats = page.inner_text("#stats")
+        stats = _upscale_on_page(page, tmp_path / "ok.png", "Left of the slider")
         srcs = page.eval_on_selector_all("#comparison img", "els => els.map(e => e.src)")
     assert f"{40 * scale}x{30 * scale}" in stats and twin in stats
     assert any(f"ok_x{scale}_{twin}.png" in s for s in srcs), srcs
+
+
+def test_scale_control_serves_multi_scale_weights(tmp_path):
+    """Weights trained for x2, x3 and x4 (multi-scale VDSR) beside x2-only ones: choosing x3
+    on the page lists them at x3 with their x3 score and upscales three times."""
+    from addersr import models
+    from addersr.demo import catalogue
+
+    folder = make_weights(tmp_path / "w")
+    psnr = {str(s): {"Set5": {"psnr": catalogue.bicubic_set5(s) + 2.5}} for s in (2, 3, 4)}
+    models.save(models.build("vdsr", 2, op="adder", depth=3, n_feats=8), folder / "ms",
+                {"scales": [2, 3, 4], "metrics": psnr["2"], "metrics_by_scale": psnr})
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(
+        tmp_path / "ok.png")
+    demo = app.build_demo(weights_dir=folder, device="cpu")
+    port = free_port()
+    app.launch(demo, port=port, block=False)
+    try:
+        with _page(f"http://127.0.0.1:{port}/") as page:
+            page.wait_for_selector("#scale", timeout=60_000)
+            page.locator("#scale label", has_text="x3").click()
+            page.wait_for_function(  # the x3 score of the only x3 weights
+                "() => document.querySelector('#model-note').innerText.includes('at x3 it scores')",
+                timeout=30_000)
+            note = page.inner_text("#model-note")
+            stats = _upscale_on_page(page, tmp_path / "ok.png", "90x60")
+    finally:
+        demo.close()
+    assert f"{psnr['3']['Set5']['psnr']:.2f} dB, +2.50 dB" in note
+    assert "vdsr x3" in stats and "(ms)" in stats and "x3)" in stats
+
+
+def test_precision_choice_on_the_shipped_weights(tmp_path):
+    """The shipped calibrated adder model opens on int8 with its sentence; fp32 can be chosen,
+    the statistics say which ran; a CNN hides the choice."""
+    from addersr import models
+
+    if not any(w.with_suffix("").name == "edsr-small-x2-adder-cpu" for w, _ in models.list_weights()):
+        pytest.skip("the shipped weights are not here")
+    demo = app.build_demo(weights_dir=ROOT / "weights", device="cpu")
+    port = free_port()
+    app.launch(demo, port=port, block=False)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
+        tmp_path / "ok.png")
+    try:
+        with _page(f"http://127.0.0.1:{port}/") as page:
+            page.wait_for_selector("#precision", timeout=60_000)
+            assert app.INT8_NOTE in page.inner_text("#precision")
+            int8 = _upscale_on_page(page, tmp_path / "ok.png", "(int8)")
+            page.locator("#precision label", has_text="32-bit float").click()
+            page.click("#upscale-button")
+            page.wait_for_function(
+                "() => document.querySelector('#stats').innerText.includes('(fp32)')",
+                timeout=120_000)
+            fp32 = page.inner_text("#stats")
+            page.locator("#weights input").click()
+            page.get_by_role("option", name="edsr-small-x2-conv-cpu", exact=False).click()
+            page.wait_for_function("() => !document.querySelector('#precision') || "
+                                   "document.querySelector('#precision').offsetParent === null",
+                                   timeout=30_000)
+    finally:
+        demo.close()
+    assert "8-bit adder layers (int8)" in int8 and "INT8 add 0.03 pJ" in int8
+    assert "32-bit float (fp32)" in fp32 and "INT8" not in fp32

@@ -127,19 +127,27 @@ def test_memory_layouts(layout, device):
     check(x, weight, 1, 1, 1e-5)
 
 
-@pytest.mark.parametrize("config", [(32, 2, 1), (128, 1, 4)])
-def test_block_configurations(config, device, monkeypatch):
-    """Other tilings (two channel groups per program, wider pixel blocks) give the same result."""
-    monkeypatch.setattr(triton_kernels, "_INTERPRETER_CONFIG", config)
-    monkeypatch.setattr(triton_kernels, "_GPU_CONFIGS", [config])
-    triton_kernels._kernels.cache_clear()
-    try:
-        x = torch.randn(2, 35, 5, 6, dtype=torch.float64, device=device)
-        weight = torch.randn(70, 35, 3, 3, dtype=torch.float64, device=device)
-        check(x, weight, 1, 1, 1e-12)
-        check(x[:, :13], weight[:5, :13], 2, 0, 1e-12)
-    finally:
-        triton_kernels._kernels.cache_clear()
+@pytest.mark.parametrize("variant", sorted(triton_kernels.VARIANTS))
+def test_kernel_variants(variant, device, monkeypatch):
+    """Every named tiling (one or two channel groups, pixel blocks, pipelining) gives the same result."""
+    monkeypatch.setenv("ADDERSR_TRITON_VARIANT", variant)
+    x = torch.randn(2, 35, 5, 6, dtype=torch.float64, device=device)
+    weight = torch.randn(70, 35, 3, 3, dtype=torch.float64, device=device)
+    check(x, weight, 1, 1, 1e-12)
+    check(x[:, :13], weight[:5, :13], 2, 0, 1e-12)
+
+
+def test_variant_rule(monkeypatch):
+    monkeypatch.delenv("ADDERSR_TRITON_VARIANT", raising=False)
+    choose = triton_kernels.choose_variant
+    assert choose(16 * 48 * 48, 64) == "p128a2w4"  # 288 x 1 programs: two waves
+    assert choose(2 * 21 * 19, 256) == "p32a2w1"
+    assert choose(10 ** 6, 3) == "p128a1w4"  # one channel group: no 256-pixel variant
+    assert choose(100, 64, interpret=True) == triton_kernels._INTERPRETER_VARIANT
+    assert all(choose(p, c) in triton_kernels.VARIANTS for p in (1, 999, 10 ** 7) for c in (1, 64, 512))
+    monkeypatch.setenv("ADDERSR_TRITON_VARIANT", "nope")
+    with pytest.raises(ValueError, match="unknown Triton variant 'nope'"):
+        choose(100, 64)
 
 
 def test_availability(monkeypatch):

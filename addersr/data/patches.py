@@ -9,6 +9,8 @@ area (LR pixel ``i`` is the bicubic average centred on HR pixels ``[s*i, s*i + s
 :class:`PatchBatches` is a map-style dataset whose item ``i`` is a whole batch, drawn with
 a generator seeded by ``(seed, rank, i)``: batch ``i`` is the same whatever the number of
 DataLoader workers, which worker makes it, or whether the run was resumed in between.
+With ``scales`` (VDSR's multi-scale training) every batch mixes the scales: its patches are
+split evenly between them, all of one HR size, each with the LR patch of its own scale.
 """
 
 import math
@@ -97,11 +99,22 @@ class PatchBatches(torch.utils.data.Dataset):
     so every patch position of the training set is equally likely; then a position and one
     of the 8 flips/rotations are drawn uniformly. ``length`` is the number of items (the
     index space the sampler may ask for). Images too small for one patch are skipped.
+
+    ``scales`` (several, the first ``scale``): item ``i`` is ``([lr_2, lr_3, ...], hr)``, the
+    batch split evenly between the scales in their order (the first ones take the
+    remainder); ``hr`` holds every part's HR patches, all ``scale * patch`` pixels, and the
+    part of scale ``s`` has LR patches of ``scale * patch / s`` pixels (a whole number). The
+    parts are drawn in order from batch ``i``'s one generator, so the first part is the
+    single-scale batch ``i`` of its size.
     """
 
-    def __init__(self, images, scale, patch, batch, seed=0, rank=0, length=None):
+    def __init__(self, images, scale, patch, batch, seed=0, rank=0, length=None, scales=None):
         if patch < 1 or batch < 1:
             raise ValueError(f"patch ({patch}) and batch ({batch}) must be positive")
+        self.parts = None
+        if scales is not None:
+            self._mix(images, scale, patch, batch, seed, rank, length, list(scales))
+            return
         hrs, lrs = make_lr_images(images, scale)
         keep = [i for i, lr in enumerate(lrs) if min(lr.shape[:2]) >= patch]
         if not keep:
@@ -120,14 +133,40 @@ class PatchBatches(torch.utils.data.Dataset):
         counts = (rows * cols).astype(np.float64)
         self._p = counts / counts.sum()
 
+    def _mix(self, images, scale, patch, batch, seed, rank, length, scales):
+        """Set up the parts of a multi-scale batch: one single-scale dataset per scale."""
+        hr = scale * patch
+        if not scales or scales[0] != scale or len(set(scales)) != len(scales):
+            raise ValueError(f"scales {scales} must be distinct and begin with the scale {scale}")
+        if batch < len(scales):
+            raise ValueError(f"a batch of {batch} cannot hold a patch of each of the scales {scales}")
+        uneven = [s for s in scales if hr % s]
+        if uneven:
+            raise ValueError(f"the HR patch ({patch} x {scale} = {hr} pixels) is not a multiple of "
+                             f"the scale(s) {uneven}")
+        sizes = [batch // len(scales) + (k < batch % len(scales)) for k in range(len(scales))]
+        self.parts = [PatchBatches(images, s, hr // s, n, seed, rank, length)
+                      for s, n in zip(scales, sizes)]
+        self.skipped = max(part.skipped for part in self.parts)
+        self.scale, self.patch, self.batch, self.scales = scale, patch, batch, scales
+        self.seed, self.rank, self.length = seed, rank, self.parts[0].length
+
     def __len__(self):
         return self.length
 
     def numpy_batch(self, index):
-        """Batch ``index`` as (lr, hr) uint8 numpy arrays of shape (B, 3, h, w)."""
+        """Batch ``index`` as (lr, hr) uint8 numpy arrays of shape (B, 3, h, w); with
+        ``scales``, ``lr`` is the list of the parts' LR arrays."""
         if not 0 <= index < self.length:
             raise IndexError(f"batch index {index} out of range [0, {self.length})")
         rng = np.random.default_rng((self.seed, self.rank, index))
+        if self.parts is None:
+            return self._draw(rng)
+        drawn = [part._draw(rng) for part in self.parts]
+        return [lr for lr, _ in drawn], np.concatenate([hr for _, hr in drawn])
+
+    def _draw(self, rng):
+        """``batch`` patch pairs drawn with ``rng``."""
         b, p, s = self.batch, self.patch, self.scale
         which = rng.choice(len(self.lr), size=b, p=self._p)
         ys = rng.integers(0, self._rows[which])
@@ -139,9 +178,16 @@ class PatchBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         lr, hr = self.numpy_batch(int(index))
-        return torch.from_numpy(lr), torch.from_numpy(hr)
+        lr = [torch.from_numpy(a) for a in lr] if self.parts else torch.from_numpy(lr)
+        return lr, torch.from_numpy(hr)
 
 
 def vdsr_patch(scale, hr_patch=41):
-    """LR patch size for VDSR's ``hr_patch`` x ``hr_patch`` training patches: ceil(41 / scale)."""
-    return math.ceil(hr_patch / scale)
+    """LR patch size for VDSR's ``hr_patch`` x ``hr_patch`` training patches: ceil(41 / scale).
+
+    ``scale`` may be a list of scales (multi-scale training, one HR patch size for all): the
+    HR patch is then the smallest multiple of every scale at least ``hr_patch`` pixels (48 for
+    2, 3, 4) and the LR patch is that of the first scale."""
+    scales = [scale] if isinstance(scale, int) else list(scale)
+    step = math.lcm(*scales)
+    return math.ceil(hr_patch / step) * step // scales[0]

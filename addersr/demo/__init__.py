@@ -5,6 +5,7 @@ another front end uses it the same way:
     up = Upscaler("weights", device="cpu")  # the weights offered; each model loads once
     result = up.upscale("photo.png", progress=lambda done, total, what: print(what, done, total))
     print(result.output, f"{result.seconds:.2f} s", result.ops["mults"], "multiplications")
+    # precision="int8" or "fp32"; by default int8 where the weights have an int8 calibration
     # a bad request raises Refused (its message is for the user); cancelled=f stops at a tile
 
 ``catalogue`` owns the weights on offer (labels, Set5 scores, the default model, twins),

@@ -10,16 +10,19 @@ through and, with res_scale 1, each block doubles the signal (activations reach 
 after 16 blocks at initialisation; with 0.1 they stay ~1). Every model maps an RGB LR batch in
 [0, 1], (N, 3, h, w), to RGB (N, 3, s*h, s*w), unclamped, and carries ``name``,
 ``scale``, ``op`` and ``config`` (the arguments that rebuild it).
+
+``MULTI_SCALE`` names the models whose weights serve several scales (VDSR: only its inner
+bicubic enlargement depends on the scale; EDSR's upsampler is scale-specific).
 """
 
 from .common import OPS, SCALES
 from .edsr import EDSR
-from .store import list_weights, load, read, save, twin_key, weights_dir
+from .store import list_weights, load, read, save, trained_scales, twin_key, weights_dir
 from .trace import receptive_radius
 from .vdsr import VDSR
 
-__all__ = ["MODELS", "OPS", "SCALES", "build", "list_weights", "load", "read", "receptive_radius",
-           "save", "weights_dir"]
+__all__ = ["MODELS", "MULTI_SCALE", "OPS", "SCALES", "build", "list_weights", "load", "read",
+           "receptive_radius", "save", "trained_scales", "weights_dir"]
 
 # name -> (class, default architecture arguments)
 MODELS = {
@@ -27,6 +30,8 @@ MODELS = {
     "edsr-baseline": (EDSR, {"n_blocks": 16, "n_feats": 64, "res_scale": 1.0}),
     "edsr": (EDSR, {"n_blocks": 32, "n_feats": 256, "res_scale": 0.1}),
 }
+# models trained for several scales at once (their layers do not depend on the scale)
+MULTI_SCALE = ("vdsr",)
 # name -> architecture arguments that differ for the adder twin (see the module docstring)
 ADDER_DEFAULTS = {"edsr-baseline": {"res_scale": 0.1}}
 

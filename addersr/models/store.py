@@ -3,7 +3,8 @@
 The JSON records ``format`` ("addersr"), ``format_version``, ``model``, ``scale``, ``op``,
 ``config`` (architecture overrides, usually empty) and any training facts passed as
 ``meta`` (iterations, data, metrics, ...). Files are only ever read with safetensors and
-json: nothing is unpickled.
+json: nothing is unpickled. Weights trained at several scales (multi-scale VDSR) record
+them as ``scales`` (``scale`` is the first) and load at any of them (``load(..., scale=S)``).
 """
 
 import importlib.util
@@ -18,7 +19,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from ..files import atomic_write
 
-__all__ = ["FORMAT_VERSION", "list_weights", "load", "read", "save", "twin_key", "weights_dir"]
+__all__ = ["FORMAT_VERSION", "list_weights", "load", "read", "save", "trained_scales", "twin_key",
+           "weights_dir"]
 
 FORMAT = "addersr"
 FORMAT_VERSION = 1
@@ -97,6 +99,10 @@ def _read_info(json_path):
     missing = [k for k in ("model", "scale", "op") if k not in info]
     if missing:
         raise ValueError(f"{json_path} lacks the key(s) {missing}")
+    try:
+        trained_scales(info)
+    except ValueError as e:
+        raise ValueError(f"{json_path}: {e}") from None
     return info
 
 
@@ -141,29 +147,84 @@ def read(path_or_name):
         if key in header and header[key] != str(info[key]):
             raise ValueError(f"{st_path} holds {key}={header[key]!r} but {json_path} says "
                              f"{info[key]!r}: the two files do not belong together")
+    _check_finite(tensors, st_path)
     info["path"] = str(stem)
     return info, tensors
 
 
-def load(path_or_name, device="cpu", backend=None):
+def _check_finite(tensors, where):
+    """Raise ValueError when a floating-point tensor holds NaN or infinity (weights of a
+    diverged run: every output would be black or garbage)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise ValueError(f"{where} holds NaN or infinite values in {_few(sorted(bad))}: the "
+                         "training that wrote it diverged; these weights cannot be used")
+
+
+def load(path_or_name, device="cpu", backend=None, precision="fp32", scale=None):
     """Rebuild a model from ``NAME.json`` and load ``NAME.safetensors``; eval mode, on ``device``.
 
     ``path_or_name``: a path (with or without suffix) or a bare name of shipped weights
     (see :func:`weights_dir`). The JSON is attached as ``model.meta``. ``backend`` picks
     the adder kernel. Raises FileNotFoundError for a missing file and ValueError for a
     truncated, unreadable or mismatched one, naming the file and the problem.
+    ``precision="int8"``: the 8-bit CPU form of adder weights, calibrated by
+    ``NAME.int8.json`` (:func:`addersr.quant.load_int8`; ValueError for a CNN or without
+    calibration). ``scale``: one of the scales the weights were trained for
+    (:func:`trained_scales`; default the recorded ``scale``; int8: that one only); ValueError
+    for another.
     """
+    if precision == "int8":
+        from ..quant import load_int8
+        return _int8_scale(load_int8(path_or_name, device=device, backend=backend), scale, path_or_name)
+    if precision != "fp32":
+        raise ValueError(f"unknown precision {precision!r}; expected 'fp32' or 'int8'")
     info, tensors = read(path_or_name)
     stem = Path(info.pop("path"))
     st_path, json_path = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+    scale = _served_scale(info, scale, json_path)
     try:
-        model = _build(info["model"], info["scale"], info["op"], backend, info["config"])
+        model = _build(info["model"], scale, info["op"], backend, info["config"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{json_path} describes a model that cannot be built: {e}") from None
     _check_tensors(model, tensors, st_path)
     model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
     model.meta = info
+    return model
+
+
+def trained_scales(meta):
+    """The scales weights serve: ``scales`` of their JSON (multi-scale VDSR), else ``[scale]``.
+    ValueError when ``scales`` is not a list of distinct integers beginning with ``scale``."""
+    scale, scales = meta["scale"], meta.get("scales")
+    if scales is None:
+        return [int(scale)]
+    if (not isinstance(scales, list) or not scales or scales[0] != scale or len(set(scales)) != len(scales)
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in scales)):
+        raise ValueError(f"\"scales\" must be a list of distinct scales beginning with \"scale\" "
+                         f"({scale!r}), got {scales!r}")
+    return list(scales)
+
+
+def _served_scale(info, scale, json_path):
+    """``scale`` (None: the recorded one), checked to be one the weights were trained for."""
+    served = trained_scales(info)
+    if scale is None:
+        return served[0]
+    if scale not in served or isinstance(scale, bool):
+        raise ValueError(f"{json_path.with_suffix('').name} serves "
+                         f"{', '.join(f'x{s}' for s in served)}, not x{scale}")
+    return int(scale)
+
+
+def _int8_scale(model, scale, path_or_name):
+    """The int8 ``model`` when ``scale`` is its calibrated one (or None); else ValueError."""
+    if scale is not None and scale != model.scale:
+        served = trained_scales(model.meta)
+        name = _stem(path_or_name).name
+        raise ValueError(f"{name}: int8 serves x{model.scale} only (its calibration), not x{scale}"
+                         + ("; use fp32 for it" if scale in served else ""))
     return model
 
 
@@ -206,11 +267,18 @@ def list_weights(folder=None):
         return []
     found = []
     for json_path in sorted(folder.glob("*.json")):
+        if json_path.name.endswith(".int8.json"):  # int8 calibration (addersr.quant), not weights
+            continue
         st_path = json_path.with_suffix(".safetensors")
         try:
             info = _read_info(json_path)
         except ValueError as e:
             warnings.warn(f"skipping {json_path}: {e}", stacklevel=2)
+            continue
+        except OSError as e:  # a dangling link, a folder, no permission
+            broken = json_path.is_symlink() and not json_path.exists()
+            warnings.warn(f"skipping {json_path}: " + ("a broken link" if broken else
+                          e.strerror or str(e)), stacklevel=2)
             continue
         if not st_path.is_file():
             warnings.warn(f"skipping {json_path}: {st_path.name} is missing", stacklevel=2)
@@ -220,5 +288,6 @@ def list_weights(folder=None):
 
 
 def twin_key(meta):
-    """What twins share (model, scale, architecture); they differ in ``op`` (adder vs conv)."""
-    return meta["model"], int(meta["scale"]), tuple(sorted((meta.get("config") or {}).items()))
+    """What twins share (model, scales, architecture); they differ in ``op`` (adder vs conv)."""
+    return (meta["model"], tuple(int(s) for s in trained_scales(meta)),
+            tuple(sorted((meta.get("config") or {}).items())))

@@ -11,13 +11,19 @@ first and the last convolution stay multiplicative.
 Both take an RGB LR batch in [0, 1]: it is enlarged with MATLAB bicubic, converted to
 YCbCr (MATLAB ``rgb2ycbcr``), Y goes through the network, Cb / Cr stay bicubic, and the
 result is converted back to RGB (unclamped).
+
+Only the bicubic enlargement depends on the scale, so one network serves several (VDSR's
+multi-scale training): :meth:`VDSR.forward` takes a list of LR batches of different scales
+in one call, and :meth:`VDSR.at_scale` gives the same network for another scale.
 """
+
+import copy
 
 import torch
 from torch import nn
 
 from ..nn import hidden_layer
-from .common import OPS, Bicubic, rgb_to_ycbcr, ycbcr_to_rgb
+from .common import OPS, SCALES, Bicubic, rgb_to_ycbcr, ycbcr_to_rgb
 
 
 class VDSR(nn.Module):
@@ -35,11 +41,35 @@ class VDSR(nn.Module):
                                     for _ in range(depth - 2)])
         self.tail = nn.Conv2d(n_feats, 1, 3, padding=1)
 
-    def forward(self, x):
-        ycbcr = rgb_to_ycbcr(self.upsample(x))
+    def forward(self, x, scale=None):
+        """``x``: an RGB LR batch, enlarged by the model's scale; or a list of batches and
+        ``scale`` the list of their scales: each is enlarged by its own, and the enlargements,
+        all of one size, go through the layers together as one batch (in the list's order)."""
+        if isinstance(x, (list, tuple)):
+            if scale is None or len(scale) != len(x):
+                raise ValueError(f"a list of {len(x)} LR batches needs a list of as many scales, got {scale!r}")
+            ups = [Bicubic(s)(part) for part, s in zip(x, scale)]
+            if len({u.shape[-2:] for u in ups}) > 1:
+                raise ValueError(f"the LR batches enlarge to different sizes: {[tuple(u.shape[-2:]) for u in ups]}")
+            up = torch.cat(ups)
+        elif scale is not None:
+            raise ValueError("scale= goes with a list of LR batches; use at_scale() for one other scale")
+        else:
+            up = self.upsample(x)
+        ycbcr = rgb_to_ycbcr(up)
         y = ycbcr[:, :1]
         y = y + self.tail(self.body(self.head(y)))
         return ycbcr_to_rgb(torch.cat([y, ycbcr[:, 1:]], 1))
+
+    def at_scale(self, scale):
+        """A copy of this network, the same weights, for ``scale`` (its enlargement alone changes)."""
+        if isinstance(scale, bool) or scale not in SCALES:
+            raise ValueError(f"unsupported scale {scale!r}; available: {list(SCALES)}")
+        twin = copy.deepcopy(self)
+        twin.upsample = Bicubic(int(scale))
+        if hasattr(self, "config"):  # set by addersr.models.build
+            twin.scale, twin.config = int(scale), {**self.config, "scale": int(scale)}
+        return twin
 
     def own_ops(self, inputs, output):
         """Colour conversions (3x3 matrix + offset, both ways) and the global residual add."""

@@ -73,7 +73,11 @@ def adaptive_lr(model, eta=0.2):
 
 @torch.no_grad()
 def rescale_adder_grads(model, eta=0.2):
-    """Apply the adaptive learning rate to the ``.grad`` of every adder weight, in place."""
-    for w in adder_weights(model):
-        if w.grad is not None:
-            w.grad.copy_(_rescale(w.grad, eta))
+    """Apply the adaptive learning rate to the ``.grad`` of every adder weight, in place: all
+    norms in one multi-tensor pass, then all gradients scaled in another."""
+    grads = [w.grad for w in adder_weights(model) if w.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    sizes = torch.tensor([eta * math.sqrt(g.numel()) for g in grads], dtype=norms.dtype, device=norms.device)
+    torch._foreach_mul_(grads, list((sizes / norms.clamp_min(1e-12)).unbind()))

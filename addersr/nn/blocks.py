@@ -1,15 +1,19 @@
 """AdderSR building blocks (DESIGN.md section 2): the learnable power activation and the
 adder layer with its own identity shortcut and batch normalisation."""
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import resolve_backend
+from ..ops.fused import TINY, adder_sr, stage_backend
 from .adder import Adder2d
 
 # Below this magnitude the derivative alpha * |y|^(alpha - 1) is evaluated at _EPS, so the
 # input gradient stays finite at y = 0 when alpha < 1.
-_EPS = 1e-6
+_EPS = TINY
 
 
 class _PowerFunction(torch.autograd.Function):
@@ -62,9 +66,14 @@ class AdderSRLayer(nn.Module):
     since adder outputs are large negative sums. ``relu=False`` is the variant for places
     where the CNN has no ReLU after the convolution: the power activation then follows
     the shortcut directly. ``backend`` is passed to :class:`Adder2d`.
+
+    ``fused=True`` (default) runs the layer as one fused kernel (``addersr.ops.fused``) where
+    the adder backend has one (numba on the CPU, Triton on the GPU), no hook watches a
+    sub-module and the environment does not say ``ADDERSR_FUSED=0``; otherwise, and with
+    ``fused=False``, the sub-modules run one by one (same values, parameters and state_dict).
     """
 
-    def __init__(self, channels, kernel_size=3, relu=True, backend=None):
+    def __init__(self, channels, kernel_size=3, relu=True, backend=None, fused=True):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"AdderSRLayer needs an odd kernel size, got {kernel_size}")
@@ -73,8 +82,33 @@ class AdderSRLayer(nn.Module):
         self.bn = nn.BatchNorm2d(channels)
         self.relu = relu
         self.power = PowerActivation()
+        self.fused = fused
+
+    def _fused_backend(self, x):
+        """The adder backend name when this call can run fused, else None."""
+        if not getattr(self, "fused", True) or os.environ.get("ADDERSR_FUSED") == "0" \
+                or x.device.type not in ("cpu", "cuda"):
+            return None
+        weight = self.adder.weight
+        if x.dim() != 4 or x.shape[1] != self.adder.in_channels or x.dtype not in (torch.float32, torch.float64) \
+                or weight.dtype != x.dtype or weight.device != x.device:
+            return None  # the eager path raises adder2d's own error
+        parts = (self.adder, self.bn, self.power)
+        hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+        if hooks or any(m._forward_hooks or m._forward_pre_hooks for m in parts):
+            return None
+        if not self.bn.affine or (self.bn.training and x.numel() // x.shape[1] < 2):
+            return None  # the eager path raises BatchNorm's own error
+        try:
+            name = resolve_backend(x.device, self.adder.backend)
+        except ValueError:
+            return None
+        return name if stage_backend(name) is not None else None
 
     def forward(self, x):
+        name = self._fused_backend(x)
+        if name is not None:
+            return adder_sr(x, self.adder.weight, self.bn, self.power.alpha, self.relu, name)
         y = x + self.bn(self.adder(x))
         if self.relu:
             y = F.relu(y)
@@ -85,7 +119,7 @@ class AdderSRLayer(nn.Module):
         return {"adds": output.numel()}
 
     def extra_repr(self):
-        return f"relu={self.relu}"
+        return f"relu={self.relu}" + ("" if self.fused else ", fused=False")
 
 
 def hidden_layer(op, channels, relu=True, backend=None):

@@ -24,12 +24,16 @@ sat = clamp to [0, 1], which the GPU does in a single saturating add:
 gX = 2 * sum g sat(W' - X/2) - sum g, two instructions per adder op like the forward.
 
 ``triton.jit`` decides between compiling and interpreting when it wraps a function, so
-the kernels are wrapped on first use in each ``TRITON_INTERPRET`` mode; the interpreter
-gets one small block configuration, the GPU an autotuned list.
+the kernels are wrapped on first use in each ``TRITON_INTERPRET`` mode. Nothing is
+autotuned: ``choose_variant`` picks one of the named ``VARIANTS`` from the shape (one
+compile per new layer shape, none when only the image size changes), the interpreter
+gets one small block, and ``ADDERSR_TRITON_VARIANT`` or the ``variant`` argument picks
+another (``benchmarks/gpu_run.py`` times them all).
 """
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -37,15 +41,22 @@ import triton.language as tl
 
 __all__ = ["forward", "grad_input"]
 
-# (pixels per program, channel groups of 32, warps): one pixel per thread, see above. Small
-# blocks fill the 132 SMs of an H100 in even waves, large ones spend fewer barriers.
-_GPU_CONFIGS = [(32, 1, 1), (32, 2, 1), (64, 1, 2), (64, 2, 2), (128, 1, 4), (128, 2, 4), (256, 2, 8)]
-_INTERPRETER_CONFIG = (64, 1, 2)
+# Kernel variants by name: (pixels per program, channel groups of 32, warps, stages). One pixel
+# per thread; A = 2 gives each thread two channels per load (half the shared-memory
+# broadcasts and barriers per channel); stages > 1 lets Triton pipeline the channel loop's
+# loads through shared memory instead of the register prefetch alone.
+VARIANTS = {
+    "p32a1w1": (32, 1, 1, 1), "p32a2w1": (32, 2, 1, 1), "p64a1w2": (64, 1, 2, 1),
+    "p64a2w2": (64, 2, 2, 1), "p128a1w4": (128, 1, 4, 1), "p128a2w4": (128, 2, 4, 1),
+    "p256a2w8": (256, 2, 8, 1), "p128a2w4s3": (128, 2, 4, 3),
+}
+_INTERPRETER_VARIANT = "p64a1w2"
+_WAVES = 2 * 132  # programs for two full waves of an H100/H200's SMs
 _LANES = 32
-_MAX_GROUPS = max(a for _, a, _ in _GPU_CONFIGS)
+_MAX_GROUPS = max(v[1] for v in VARIANTS.values())
 
 
-def _forward_kernel(x_ptr, w_ptr, y_ptr, P, C, H, W, O, Ho, Wo, sh, sw, ph, pw, OP, P_BUCKET,
+def _forward_kernel(x_ptr, w_ptr, y_ptr, P, C, H, W, O, Ho, Wo, sh, sw, ph, pw, OP,
                     KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, A: tl.constexpr):
     """y[n,o,ho,wo] = -sum_{c,i,j} |x[n,c,ho*sh-ph+i,wo*sw-pw+j] - w[i,j,c,o]| (w: KH,KW,C,OP)."""
     pid_p = tl.program_id(0)
@@ -83,7 +94,7 @@ def _forward_kernel(x_ptr, w_ptr, y_ptr, P, C, H, W, O, Ho, Wo, sh, sw, ph, pw, 
 
 
 def _grad_input_kernel(x_ptr, w_ptr, g_ptr, gx_ptr, C, H, W, O, Ho, Wo, sh, sw, ph, pw, CP,
-                       Q, Hq, Wq, Q_BUCKET,
+                       Q, Hq, Wq,
                        KH: tl.constexpr, KW: tl.constexpr, BQ: tl.constexpr, A: tl.constexpr):
     """gx[n,c,y,x] = sum_{i,j,o} g[n,o,ho,wo] * clamp(W[o,c,i,j] - x[n,c,y,x], -1, 1) over the
     (ho, wo) with ho*sh - ph + i = y, wo*sw - pw + j = x; w holds W/2 + 1/2 as (KH,KW,O,CP).
@@ -136,29 +147,39 @@ def _grad_input_kernel(x_ptr, w_ptr, g_ptr, gx_ptr, C, H, W, O, Ho, Wo, sh, sw, 
     tl.store(gx_ptr + pix, 2.0 * acc - g_sum[None, :, None], mask=mask)
 
 
-def _pruner(channels):
-    """An autotune filter dropping channel groups wider than the ``channels`` argument."""
-    def prune(configs, named_args, **kwargs):
-        width = max(named_args[channels], _LANES)
-        return [cfg for cfg in configs if cfg.kwargs["A"] * _LANES <= width] or configs[:1]
-    return prune
+def choose_variant(pixels, channels, interpret=False):
+    """The configuration rule that replaces autotuning (one compile per layer shape): two channel
+    groups when there are 64+ channels, then the widest pixel block that still launches two
+    waves of programs. ``ADDERSR_TRITON_VARIANT`` names a variant instead."""
+    name = os.environ.get("ADDERSR_TRITON_VARIANT")
+    if name:
+        if name not in VARIANTS:
+            raise ValueError(f"unknown Triton variant {name!r}; expected one of {sorted(VARIANTS)}")
+        return name
+    if interpret:
+        return _INTERPRETER_VARIANT
+    groups = 2 if channels >= 64 else 1
+    for block in (256, 128, 64):
+        name = f"p{block}a{groups}w{block // 32}"
+        if name in VARIANTS and triton.cdiv(pixels, block) * triton.cdiv(channels, 32 * groups) >= _WAVES:
+            return name
+    return f"p32a{groups}w1"
 
 
 @functools.cache
 def _kernels(interpret):
-    """The (forward, grad_input) kernels for one TRITON_INTERPRET mode."""
-    specs = [_INTERPRETER_CONFIG] if interpret else _GPU_CONFIGS
-
-    def tuned(fn, block, channels, key, sizes):
-        configs = [triton.Config({block: b, "A": a}, num_warps=w, num_stages=1) for b, a, w in specs]
-        jitted = triton.jit(fn, do_not_specialize=sizes)  # sizes vary: no recompiles for them
-        return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruner(channels)})(jitted)
-
-    fwd = tuned(_forward_kernel, "BP", "O", ["C", "O", "KH", "KW", "sh", "sw", "P_BUCKET"],
-                ["P", "H", "W", "Ho", "Wo", "P_BUCKET"])
-    gin = tuned(_grad_input_kernel, "BQ", "C", ["C", "O", "KH", "KW", "sh", "sw", "Q_BUCKET"],
-                ["H", "W", "Ho", "Wo", "Q", "Hq", "Wq", "Q_BUCKET"])
+    """The (forward, grad_input) kernels for one TRITON_INTERPRET mode; sizes are not
+    specialised on (no recompiles when only the image size changes)."""
+    fwd = triton.jit(_forward_kernel, do_not_specialize=["P", "H", "W", "Ho", "Wo"])
+    gin = triton.jit(_grad_input_kernel, do_not_specialize=["H", "W", "Ho", "Wo", "Q", "Hq", "Wq"])
     return fwd, gin
+
+
+def _meta(pixels, channels, variant):
+    """Launch options of a variant: (block, groups, kwargs for the launch)."""
+    interpret = bool(triton.knobs.runtime.interpret)
+    block, groups, warps, stages = VARIANTS[variant or choose_variant(pixels, channels, interpret)]
+    return block, groups, {"A": groups, "num_warps": warps, "num_stages": stages}
 
 
 def _launch(x):
@@ -189,8 +210,9 @@ def _check_sizes(pixels, *planes):
                          f"(at most 2^31 - 2^10) or a channel plane of {max(planes)} (at most 2^31 - 1)")
 
 
-def forward(x, weight, stride, padding):
-    """Y[n,o,p] = -sum_{c,i,j} |Xpad[n,c,p+(i,j)] - W[o,c,i,j]|; contiguous NCHW in and out."""
+def forward(x, weight, stride, padding, variant=None):
+    """Y[n,o,p] = -sum_{c,i,j} |Xpad[n,c,p+(i,j)] - W[o,c,i,j]|; contiguous NCHW in and out.
+    ``variant``: a name from ``VARIANTS`` (default: ``choose_variant``)."""
     (fwd, _), device = _launch(x)
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -200,14 +222,15 @@ def forward(x, weight, stride, padding):
     _check_sizes(p, h * w, ho * wo)
     wt = _padded(weight.permute(2, 3, 1, 0), 3, _LANES * _MAX_GROUPS, 0.0)  # (kh, kw, c, OP)
     y = x.new_empty(n, o, ho, wo)
-    grid = lambda meta: (triton.cdiv(p, meta["BP"]), triton.cdiv(o, meta["A"] * _LANES))
+    block, groups, meta = _meta(p, o, variant)
     with device:
-        fwd[grid](x, wt, y, p, c, h, w, o, ho, wo, stride[0], stride[1], padding[0], padding[1],
-                  wt.shape[3], p.bit_length(), KH=kh, KW=kw)
+        fwd[(triton.cdiv(p, block), triton.cdiv(o, groups * _LANES))](
+            x, wt, y, p, c, h, w, o, ho, wo, stride[0], stride[1], padding[0], padding[1], wt.shape[3],
+            KH=kh, KW=kw, BP=block, **meta)
     return y
 
 
-def grad_input(x, weight, grad_out, stride, padding):
+def grad_input(x, weight, grad_out, stride, padding, variant=None):
     """gX = sum over the outputs that see each input pixel of g * HardTanh(W - X)."""
     (_, gin), device = _launch(x)
     n, c, h, w = x.shape
@@ -218,8 +241,9 @@ def grad_input(x, weight, grad_out, stride, padding):
     _check_sizes(q, h * w, ho * wo)
     wt = _padded(weight.permute(2, 3, 0, 1) * 0.5 + 0.5, 3, _LANES * _MAX_GROUPS, 0.5)  # (kh, kw, o, CP)
     gx = torch.empty_like(x)
-    grid = lambda meta: (triton.cdiv(q, meta["BQ"]), triton.cdiv(c, meta["A"] * _LANES), stride[0] * stride[1])
+    block, groups, meta = _meta(q, c, variant)
     with device:
-        gin[grid](x, wt, grad_out, gx, c, h, w, o, ho, wo, stride[0], stride[1], padding[0], padding[1],
-                  wt.shape[3], q, hq, wq, q.bit_length(), KH=kh, KW=kw)
+        gin[(triton.cdiv(q, block), triton.cdiv(c, groups * _LANES), stride[0] * stride[1])](
+            x, wt, grad_out, gx, c, h, w, o, ho, wo, stride[0], stride[1], padding[0], padding[1], wt.shape[3],
+            q, hq, wq, KH=kh, KW=kw, BQ=block, **meta)
     return gx

@@ -6,7 +6,9 @@ iterations, flips and quarter turns. The loss is taken on RGB for EDSR and on th
 (MATLAB rgb2ycbcr) for VDSR, which only predicts Y. ``edsr`` / ``edsr-baseline``: batch 16 of
 48x48 LR patches. ``vdsr``: batch 64 of 41x41 HR patches; the model takes the LR image and
 upsamples it internally, so its patches are ceil(41/scale) LR pixels (11 at x4: 44x44 HR).
-One model per scale (VDSR's mixed-scale training is not done: a model has a fixed scale).
+``--scale 2 3 4`` (VDSR only, as its paper) trains one network on batches mixing the scales:
+the config keeps ``scale`` (the first) and ``scales``; every scale's patches have one HR size,
+the smallest multiple of all scales at least 41 (48: LR patches of 24, 16 and 12 pixels).
 
 Adder models train with the adder recipe (``ADDER_RECIPE``; the evidence is in
 docs/training.md): SGD with momentum 0.9 at lr 0.08 and AdderNet's adaptive rate, which
@@ -23,12 +25,23 @@ import os
 from pathlib import Path
 
 COMMON = dict(lr=1e-4, iters=300_000, lr_schedule="step", lr_step=200_000, lr_gamma=0.5, warmup=0,
-              optimizer="adam", clip_grad=0.0, train_sets=["T91", "BSD200"], val_every=1000,
+              optimizer="adam", clip_grad=0.0, clip_adjustable=0.0, weight_decay=0.0,
+              train_sets=["T91", "BSD200"], val_every=1000,
               ckpt_every=1000, seed=0, distill=1.0, distill_features=0.0)
 # Options of adder layers. CNN twins keep the published recipe (these do not apply to them).
 ADDER_BASE = dict(eta=0.2, adder_lr=1.0, adder_init=1.0, bn_momentum=0.1, power_init=1.0, power_learn=True)
 # The adder recipe: ADDER_BASE changed by what benchmarks/recipe.py measured (docs/training.md).
 ADDER_RECIPE = dict(ADDER_BASE, optimizer="sgd", lr=0.08)
+# The adder recipe of each backbone. Deep stacks of self-shortcuts (VDSR's 18 layers, EDSR's
+# 32 blocks) make activations, and so the gradients of the full-precision parameters (tail,
+# upsampler, power exponents), grow with depth: plain SGD then steps them by lr x a large
+# gradient and diverges within ten steps (benchmarks/diverge.py). There the adder weights keep
+# SGD with the adaptive rate and every other parameter takes Adam's bounded step (sgd+adam).
+ADDER_RECIPES = {
+    "edsr-baseline": ADDER_RECIPE,
+    "vdsr": dict(ADDER_RECIPE, optimizer="sgd+adam"),
+    "edsr": dict(ADDER_RECIPE, optimizer="sgd+adam"),
+}
 # --optimizer sgd+adam: Adam's rate for the parameters that are not adder weights (the CNN twins').
 OTHER_LR = 2e-4
 RECIPES = {
@@ -41,6 +54,7 @@ RUN_OPTIONS = ("iters", "out", "val_every", "val_data", "ckpt_every", "export", 
                "device", "data_root", "time_limit")
 # What defines a training run: recorded in exports as "recipe", continued by --init.
 RECIPE_KEYS = ("lr", "iters", "lr_schedule", "lr_step", "lr_gamma", "warmup", "optimizer", "clip_grad",
+               "clip_adjustable", "weight_decay",
                "patch", "batch", "train_sets", "seed", "eta", "adder_lr", "other_lr", "adder_init", "bn_momentum",
                "power_init", "power_learn", "teacher", "distill", "distill_features")
 
@@ -62,25 +76,30 @@ def resolve(options, init=None):
         cfg["op"] = cfg["op"] or init["op"]
         if cfg["arch"] is None and cfg["model"] == init["model"]:
             cfg["arch"] = sorted(init["config"].items())
+        if cfg["scale"] is None:
+            cfg["scales"] = init.get("scales")
         cfg["scale"] = init["scale"] if cfg["scale"] is None else cfg["scale"]
     cfg["model"] = cfg["model"] or "edsr"
     from ..models import MODELS
     if cfg["model"] not in MODELS:
         raise ConfigError(f"unknown model {cfg['model']!r}; available: {', '.join(sorted(MODELS))}")
     cfg["scale"] = 4 if cfg["scale"] is None else cfg["scale"]
+    scales = cfg.pop("scales", None)
+    if scales:  # several (VDSR); a single-scale config has no "scales" key, as before
+        cfg["scales"] = list(scales)
     cfg["op"] = cfg["op"] or "adder"
     cfg["arch"] = dict(cfg["arch"] or [])
     if init is not None and continues(cfg, init):
         for key, value in (init.get("recipe") or {}).items():
             if key in RECIPE_KEYS and cfg.get(key) is None:
                 cfg[key] = value
-    recipe = {**COMMON, **(ADDER_RECIPE if cfg["op"] == "adder" else {}), **RECIPES[cfg["model"]]}
+    recipe = {**COMMON, **(ADDER_RECIPES[cfg["model"]] if cfg["op"] == "adder" else {}), **RECIPES[cfg["model"]]}
     for key, value in recipe.items():
         if cfg.get(key) is None:
             cfg[key] = value
     if cfg["patch"] is None:
         from ..data.patches import vdsr_patch
-        cfg["patch"] = vdsr_patch(cfg["scale"])
+        cfg["patch"] = vdsr_patch(cfg.get("scales") or cfg["scale"])
     if cfg["optimizer"] != "sgd+adam":
         cfg["other_lr"] = None  # not used (not even when a continued run had it)
     elif cfg["other_lr"] is None:
@@ -89,28 +108,38 @@ def resolve(options, init=None):
         cfg.update({k: None for k in ADDER_BASE})
         cfg["eta"] = 0.0
     cfg["amp"] = bool(cfg["amp"])
-    cfg["out"] = cfg["out"] or f"runs/{cfg['model']}_x{cfg['scale']}_{cfg['op']}"
+    cfg["out"] = cfg["out"] or f"runs/{cfg['model']}_x{scale_label(cfg)}_{cfg['op']}"
     return cfg
+
+
+def scale_label(cfg):
+    """The run's scale in words: ``2``, or ``2-3-4`` for a multi-scale run."""
+    return "-".join(str(s) for s in cfg.get("scales") or [cfg["scale"]])
 
 
 def continues(cfg, init):
     """Whether a run of ``cfg`` continues the training of the ``init`` weights."""
-    return (cfg["model"], cfg["scale"], cfg["op"], cfg["arch"]) == \
-        (init["model"], init["scale"], init["op"], init["config"])
+    return (cfg["model"], cfg["scale"], cfg.get("scales"), cfg["op"], cfg["arch"]) == \
+        (init["model"], init["scale"], init.get("scales"), init["op"], init["config"])
 
 
-def merge_resume(options, cfg, ckpt_cfg):
-    """The checkpoint's configuration, with the run options given (``RUN_OPTIONS``); any other
+def merge_resume(options, cfg, ckpt_cfg, iteration=None):
+    """The checkpoint's configuration, with the run options given (``RUN_OPTIONS``) and a
+    lowered ``--lr`` / ``--other-lr`` (recorded as ``lr_changes`` at ``iteration``); any other
     option given must agree with it. Options newer than the checkpoint get their defaults."""
+    from .recovery import lowered, record_lowered
     merged = dict(ckpt_cfg)
     for key in (k for k, v in options.items() if v is not None):
         if key in RUN_OPTIONS:
             merged[key] = cfg[key]
+        elif lowered(key, cfg[key], ckpt_cfg.get(key)):
+            merged[key] = cfg[key]
+            record_lowered(merged, ckpt_cfg, key, iteration)
         elif cfg[key] != ckpt_cfg.get(key):
             raise ConfigError(
                 f"--{key.replace('_', '-')} {cfg[key]} differs from the checkpoint's "
                 f"{ckpt_cfg.get(key)}; only {', '.join('--' + k.replace('_', '-') for k in RUN_OPTIONS)} "
-                "may change on --resume")
+                "may change on --resume, and --lr, --other-lr may be lowered")
     for key, value in {**COMMON, **(ADDER_BASE if merged["op"] == "adder" else {})}.items():
         merged.setdefault(key, value)  # checkpoints of older versions lack the newer options
     return merged
@@ -130,7 +159,7 @@ def check(cfg):
         value = cfg.get(key)
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"--{key.replace('_', '-')} must be a positive number, got {value}")
-    for key in ("eta", "clip_grad", "distill", "distill_features"):
+    for key in ("eta", "clip_grad", "clip_adjustable", "weight_decay", "distill", "distill_features"):
         if cfg.get(key) is not None and not (cfg[key] >= 0 and math.isfinite(cfg[key])):
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     if cfg["bn_momentum"] is not None and not 0 < cfg["bn_momentum"] <= 1:
@@ -138,6 +167,46 @@ def check(cfg):
     if cfg["amp"] and cfg["op"] != "conv":
         raise ConfigError("--amp is only allowed with --op conv: float16 is not exact enough for "
                           "adder layers (their outputs are large sums of absolute differences)")
+    check_scales(cfg)
+    check_arch(cfg)
+
+
+def check_arch(cfg):
+    """Raise ConfigError for an ``--arch`` value of the wrong kind: the counts (blocks, layers,
+    features) are whole numbers of at least 1, the others positive numbers."""
+    from ..models import MODELS
+    defaults = MODELS[cfg["model"]][1]
+    for key, value in cfg["arch"].items():
+        if key not in defaults:
+            continue  # unknown keys: models.build names the allowed ones
+        if isinstance(defaults[key], int) and not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"--arch {key}={value}: {key} must be a whole number of at least 1")
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"--arch {key}={value}: {key} must be a positive number")
+
+
+def check_scales(cfg):
+    """Raise ConfigError for a multi-scale run that cannot be made (``scales`` of ``cfg``)."""
+    from ..models import MULTI_SCALE, SCALES
+    scales = cfg.get("scales")
+    if not scales:
+        return
+    if cfg["model"] not in MULTI_SCALE:
+        raise ConfigError(f"--scale takes one scale for {cfg['model']}: its upsampler is scale-specific "
+                          f"(several scales are for {', '.join(MULTI_SCALE)})")
+    bad = [s for s in scales if s not in SCALES]
+    if bad or len(set(scales)) != len(scales):
+        raise ConfigError(f"--scale {' '.join(map(str, scales))}: give distinct scales among "
+                          f"{', '.join(map(str, SCALES))}")
+    hr = cfg["patch"] * scales[0]
+    uneven = [s for s in scales if hr % s]
+    if uneven:
+        raise ConfigError(f"--patch {cfg['patch']}: the HR patch ({cfg['patch']} x {scales[0]} = {hr} pixels) "
+                          f"must be a multiple of every scale, not of {', '.join(map(str, uneven))}")
+    if cfg["batch"] < len(scales):
+        raise ConfigError(f"--batch {cfg['batch']} cannot hold a patch of each of the {len(scales)} scales")
+    if cfg.get("teacher"):
+        raise ConfigError("--teacher distils at one scale: it cannot be used with several --scale values")
 
 
 def data_root(cfg):

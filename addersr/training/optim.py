@@ -47,7 +47,7 @@ def build_optimizer(model, cfg):
     groups = [{"params": adder, "base_lr": cfg["lr"] * cfg["adder_lr"], "name": "adder"}] if adder else []
 
     def sgd(groups):
-        return torch.optim.SGD(groups, lr=groups[0]["base_lr"], momentum=0.9)
+        return torch.optim.SGD(groups, lr=groups[0]["base_lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
 
     def adam(groups):
         return torch.optim.Adam(groups, lr=groups[0]["base_lr"], betas=(0.9, 0.999), eps=1e-8)

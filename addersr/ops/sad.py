@@ -1,0 +1,286 @@
+"""uint8 sum-of-absolute-differences kernels: 8-bit adder layers (DESIGN.md section 1).
+
+With one scale ``s`` and zero point ``z`` shared by a layer's input and its filters,
+``|x - w| = s * |qx - qw|``: an adder layer becomes a pure uint8 SAD with an int32 result.
+
+Layouts (numpy arrays):
+
+* input ``xq``: (N, Hp, Wp, Cp) uint8, NHWC, the border padded with the zero point and
+  the channels padded with byte 0 to ``Cp = padded_channels(C, kw)``, so one kernel row
+  (``kw * Cp`` bytes) is a whole number of 32-byte vectors;
+* filters ``wq``: (O, kh, kw, Cp) uint8, padded channels 0 (so they add |0 - 0| = 0).
+
+Three variants of the inner block (:mod:`addersr.ops.sad_ir`): ``"avx512"`` (AVX-512BW),
+``"vpsadbw"`` (AVX2), both checked before compiling, and ``"portable"``; ``variant=None``
+picks the fastest the CPU has, and $ADDERSR_SAD overrides. Register block: 2 output
+pixels x 8 filters; threads share out (image, output row) pairs; edge blocks are clamped
+(recomputed). The kernels below marked "template" are compiled once per variant by
+:func:`_kernels`, which supplies their globals ``SAD``, ``BLOCK_P``, ``BLOCK_F`` and
+``sad_rows``.
+
+:func:`sad2d` is the bare SAD. :func:`adder_layer` fuses the AdderSR layer's epilogue in
+its output stage, per output row: ``v = alpha[o] * SAD + beta[o]`` (folded BN and weight
+compensation), ``+ s_in * qx_centre`` (the self-shortcut, dequantised: the constant part
+is in ``beta``), ReLU, ``sign(v) |v|^a``, then optionally ``skip + res_scale * v``, written
+as float32 NHWC and / or requantised into the next layer's padded uint8 input.
+"""
+
+import hashlib
+import math
+import os
+import types as pytypes
+from pathlib import Path
+
+import numpy as np
+from numba import njit, prange
+
+from .cpu import _launch
+from .sad_ir import bits_f32, f32_bits, has_isa, sad_block
+
+__all__ = ["adder_layer", "default_variant", "fill_border", "padded_channels", "quantize_nhwc",
+           "sad2d", "variants"]
+
+VARIANTS = ("avx512", "vpsadbw", "portable")
+_NEEDS = {"avx512": "avx512bw", "vpsadbw": "avx2", "portable": None}
+BLOCK = (2, 8)  # output pixels x filters per register block
+_FM = {"reassoc", "contract", "arcp", "nsz", "afn"}
+_LN2_INV2 = np.float32(2.0 / math.log(2.0))
+
+
+def variants():
+    """The SAD variants this CPU can run, fastest first."""
+    return [v for v in VARIANTS if _NEEDS[v] is None or has_isa(_NEEDS[v])]
+
+
+def default_variant(variant=None):
+    """``variant``, else $ADDERSR_SAD, else the fastest available; ValueError if unusable."""
+    name = variant or os.environ.get("ADDERSR_SAD") or variants()[0]
+    if name not in VARIANTS:
+        raise ValueError(f"unknown SAD variant {name!r}; expected one of {list(VARIANTS)}")
+    if name not in variants():
+        raise ValueError(f"SAD variant {name!r} needs {_NEEDS[name].upper()}, which this CPU "
+                         "(numba target) lacks")
+    return name
+
+
+def padded_channels(channels, kw):
+    """The smallest ``Cp >= channels`` with ``kw * Cp`` a multiple of 32."""
+    step = 32 // math.gcd(kw, 32)
+    return -(-channels // step) * step
+
+
+@njit(inline="always", fastmath=_FM)
+def _pow(y, a):
+    """y ** a for float32 y >= 0 (0 for y < 1e-37), relative error ~1e-7, vectorisable."""
+    bits = f32_bits(y)
+    e = ((bits >> 23) & 255) - 127
+    m = bits_f32((bits & 0x7FFFFF) | 0x3F800000)
+    big = m > np.float32(1.4142135)
+    m = m * np.float32(0.5) if big else m
+    e = e + 1 if big else e
+    t = (m - np.float32(1.0)) / (m + np.float32(1.0))
+    t2 = t * t
+    log2 = np.float32(e) + _LN2_INV2 * t * (np.float32(1.0) + t2 * (np.float32(1 / 3) + t2 * (
+        np.float32(0.2) + t2 * np.float32(1 / 7))))
+    z = min(max(a * log2, np.float32(-125.0)), np.float32(127.0))
+    n = np.float32(np.int32(z + np.float32(128.5)) - 128)  # round(z), without a libm call
+    f = (z - n) * np.float32(0.6931471805599453)
+    p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (np.float32(1 / 6) + f * (
+        np.float32(1 / 24) + f * (np.float32(1 / 120) + f * np.float32(1 / 720))))))
+    r = bits_f32(np.int32(np.int32(n) + 127) << 23) * p
+    return r if y > np.float32(1e-37) else np.float32(0.0)
+
+
+def _sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, sh, sw, xo, oo, fi):
+    """Template: SAD of output row (n, ho) into ``acc`` (out_w * n_out int32, pixel-major)."""
+    npix, nfil = BLOCK_P, BLOCK_F
+    seg = kw * cp
+    for wo0 in range(0, out_w, npix):
+        for p in range(npix):
+            wo = min(wo0 + p, out_w - 1)
+            xo[p] = ((n * hp + ho * sh) * wp + wo * sw) * cp
+            oo[p] = wo * n_out
+        for o0 in range(0, n_out, nfil):
+            for f in range(nfil):
+                fi[f] = min(o0 + f, n_out - 1)
+            SAD(xflat, xo, wflat, fi, acc, oo, wp * cp, kh, seg)
+
+
+def _sad_kernel(xq, wq, out, sh, sw):
+    """Template: ``out`` (N, Ho, Wo, O) int32 = SAD of ``xq`` and ``wq`` at stride (sh, sw)."""
+    n_batch, hp, wp, cp = xq.shape
+    n_out, kh, kw, _ = wq.shape
+    _, out_h, out_w, _ = out.shape
+    xflat, wflat = xq.reshape(-1), wq.reshape(-1)
+    for job in prange(n_batch * out_h):
+        n = job // out_h
+        ho = job - n * out_h
+        xo, oo = np.empty(BLOCK_P, np.int64), np.empty(BLOCK_P, np.int64)
+        fi = np.empty(BLOCK_F, np.int64)
+        acc = out[n, ho].reshape(-1)
+        sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, sh, sw, xo, oo, fi)
+
+
+def _layer_kernel(xq, wq, alpha, beta, s_in, a_pow, relu, skip, res_scale, fout, qout, inv_s_out,
+                  z_out, flags):
+    """Template: fused AdderSR layer, stride 1, "same" padding; flags: (has_skip, write_f, write_q)."""
+    n_batch, hp, wp, cp = xq.shape
+    n_out, kh, kw, _ = wq.shape
+    ph, pw = kh // 2, kw // 2
+    out_h, out_w = hp - 2 * ph, wp - 2 * pw
+    qph, qpw = (qout.shape[1] - out_h) // 2, (qout.shape[2] - out_w) // 2
+    has_skip, write_f, write_q = flags[0], flags[1], flags[2]
+    xflat, wflat = xq.reshape(-1), wq.reshape(-1)
+    for job in prange(n_batch * out_h):
+        n = job // out_h
+        ho = job - n * out_h
+        xo, oo = np.empty(BLOCK_P, np.int64), np.empty(BLOCK_P, np.int64)
+        fi = np.empty(BLOCK_F, np.int64)
+        acc = np.empty(out_w * n_out, np.int32)
+        v = np.empty((out_w, n_out), np.float32)
+        sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, 1, 1, xo, oo, fi)
+        _epilogue(acc.reshape(out_w, n_out), v, xq[n, ho + ph, pw:pw + out_w], alpha, beta, s_in,
+                  a_pow, relu, skip[n, ho] if has_skip else v, res_scale, has_skip)
+        if write_f:
+            fout[n, ho] = v
+        if write_q:
+            _requantize(v, qout[n, ho + qph, qpw:qpw + out_w], inv_s_out, z_out)
+
+
+@njit(inline="always", fastmath=_FM)
+def _epilogue(acc, v, centre, alpha, beta, s_in, a_pow, relu, skip, res_scale, has_skip):
+    """One output row (out_w, O): each step its own loop, so LLVM vectorises every one."""
+    out_w, n_out = acc.shape
+    for wo in range(out_w):
+        for o in range(n_out):
+            v[wo, o] = alpha[o] * np.float32(acc[wo, o]) + beta[o] + s_in * np.float32(centre[wo, o])
+    if relu:
+        for wo in range(out_w):
+            for o in range(n_out):
+                v[wo, o] = max(v[wo, o], np.float32(0.0))
+    if a_pow != np.float32(1.0):
+        for wo in range(out_w):
+            for o in range(n_out):
+                y = v[wo, o]
+                mag = _pow(abs(y), a_pow)
+                v[wo, o] = mag if y >= np.float32(0.0) else -mag
+    if has_skip:
+        for wo in range(out_w):
+            for o in range(n_out):
+                v[wo, o] = skip[wo, o] + res_scale * v[wo, o]
+
+
+@njit(inline="always", fastmath=_FM)
+def _requantize(v, q, inv_s, z):
+    """q[:, :O] = clamp(round(v / s) + z, 0, 255) (truncation of a value >= 0 is floor)."""
+    out_w, n_out = v.shape
+    for wo in range(out_w):
+        for o in range(n_out):
+            t = min(max(v[wo, o] * inv_s + z + np.float32(0.5), np.float32(0.0)), np.float32(255.0))
+            q[wo, o] = np.uint8(np.int32(t))
+
+
+def _compile(fn, name, env, parallel):
+    glob = {**fn.__globals__, **env}
+    f = pytypes.FunctionType(fn.__code__, glob, name)
+    f.__qualname__ = name
+    return njit(parallel=parallel, cache=True, fastmath=_FM)(f)
+
+
+_KERNELS = {}
+# numba's cache only sees this file's time stamp: name the kernels after the IR module's
+# source too, so that a change there cannot load stale machine code.
+_IR_TAG = hashlib.sha256(Path(__file__).with_name("sad_ir.py").read_bytes()).hexdigest()[:12]
+
+
+def _kernels(variant):
+    """(sad kernel, fused layer kernel) for ``variant``, built (not compiled) on first use."""
+    if variant not in _KERNELS:
+        block = {"SAD": sad_block(variant, *BLOCK), "BLOCK_P": BLOCK[0], "BLOCK_F": BLOCK[1]}
+        tag = f"{variant}_{_IR_TAG}"
+        rows = _compile(_sad_rows, f"_sad_rows_{tag}", block, False)
+        env = {**block, "sad_rows": rows}
+        _KERNELS[variant] = (_compile(_sad_kernel, f"_sad_kernel_{tag}", env, True),
+                             _compile(_layer_kernel, f"_layer_kernel_{tag}", env, True))
+    return _KERNELS[variant]
+
+
+def _check_layout(xq, wq):
+    if xq.dtype != np.uint8 or wq.dtype != np.uint8 or xq.ndim != 4 or wq.ndim != 4:
+        raise ValueError("SAD kernels take 4-D uint8 arrays (N, Hp, Wp, Cp) and (O, kh, kw, Cp)")
+    if xq.shape[3] != wq.shape[3] or (wq.shape[2] * wq.shape[3]) % 32:
+        raise ValueError(f"input {xq.shape} and filters {wq.shape}: channels must match and "
+                         "kw * Cp be a multiple of 32 (see padded_channels)")
+    if not (xq.flags.c_contiguous and wq.flags.c_contiguous):
+        raise ValueError("SAD kernels need C-contiguous arrays")
+
+
+def sad2d(xq, wq, stride=(1, 1), variant=None):
+    """``out[n, ho, wo, o] = sum_{i,j,c} |xq[n, ho*sh+i, wo*sw+j, c] - wq[o,i,j,c]|`` (int32 NHWC)."""
+    _check_layout(xq, wq)
+    sh, sw = stride
+    n, hp, wp, _ = xq.shape
+    o, kh, kw, _ = wq.shape
+    if hp < kh or wp < kw:
+        raise ValueError(f"padded input {hp}x{wp} is smaller than the kernel {kh}x{kw}")
+    out = np.empty((n, (hp - kh) // sh + 1, (wp - kw) // sw + 1, o), np.int32)
+    _launch(_kernels(default_variant(variant))[0], out.size * wq[0].size, xq, wq, out, sh, sw)
+    return out
+
+
+def adder_layer(xq, wq, alpha, beta, s_in, a_pow=1.0, relu=False, skip=None, res_scale=1.0,
+                fout=None, qout=None, s_out=1.0, z_out=0, variant=None):
+    """One fused AdderSR layer (stride 1, same padding, C_in = C_out); see the module doc.
+
+    ``alpha``, ``beta``: float32 (O,); ``s_in``: shortcut scale (0: no shortcut); ``skip``:
+    float32 (N, H, W, O) or None; ``fout``: float32 (N, H, W, O) to write or None;
+    ``qout``: padded uint8 NHWC of the next layer (border and channel padding untouched),
+    quantised with ``s_out``, ``z_out``, or None.
+    """
+    _check_layout(xq, wq)
+    n, hp, wp, _ = xq.shape
+    o, kh, kw, _ = wq.shape
+    h, w = hp - 2 * (kh // 2), wp - 2 * (kw // 2)
+    if s_in and o > xq.shape[3]:
+        raise ValueError("the self-shortcut needs as many input channels as filters")
+    empty_f = np.empty((1, 1, 1, 1), np.float32)
+    for arr, what in ((skip, "skip"), (fout, "fout")):
+        if arr is not None and (arr.shape != (n, h, w, o) or arr.dtype != np.float32):
+            raise ValueError(f"{what} must be float32 of shape {(n, h, w, o)}")
+    if qout is not None and (qout.dtype != np.uint8 or qout.shape[0] != n or qout.shape[3] < o
+                             or (qout.shape[1] - h) % 2 or (qout.shape[2] - w) % 2):
+        raise ValueError(f"qout must be padded uint8 NHWC around {h}x{w} with >= {o} channels")
+    flags = np.array([skip is not None, fout is not None, qout is not None], np.bool_)
+    f32 = np.float32
+    _launch(_kernels(default_variant(variant))[1], n * h * w * o * kh * kw * xq.shape[3],
+            xq, wq, np.ascontiguousarray(alpha, f32), np.ascontiguousarray(beta, f32), f32(s_in),
+            f32(a_pow), bool(relu), empty_f if skip is None else skip, f32(res_scale),
+            empty_f if fout is None else fout,
+            np.empty((1, 1, 1, 1), np.uint8) if qout is None else qout, f32(1.0 / s_out), f32(z_out), flags)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _quantize_kernel(x, out, inv_s, z, ph, pw):
+    n_batch, h, w, c = x.shape
+    for job in prange(n_batch * h):
+        n = job // h
+        r = job - n * h
+        for j in range(w):
+            for k in range(c):
+                t = min(max(x[n, r, j, k] * inv_s + z + np.float32(0.5), np.float32(0.0)), np.float32(255.0))
+                out[n, r + ph, j + pw, k] = np.uint8(np.int32(t))
+
+
+def quantize_nhwc(x, scale, zero_point, out):
+    """Quantise float32 NHWC ``x`` into the interior of the padded uint8 ``out``."""
+    ph, pw = (out.shape[1] - x.shape[1]) // 2, (out.shape[2] - x.shape[2]) // 2
+    _quantize_kernel(x, out, np.float32(1.0 / scale), np.float32(zero_point), ph, pw)
+
+
+def fill_border(buf, zero_point, pad, channels):
+    """Set the border of the padded NHWC ``buf`` to ``zero_point`` in its first ``channels``."""
+    ph, pw = pad
+    buf[:, :ph, :, :channels] = zero_point
+    buf[:, buf.shape[1] - ph:, :, :channels] = zero_point
+    buf[:, :, :pw, :channels] = zero_point
+    buf[:, :, buf.shape[2] - pw:, :channels] = zero_point

@@ -1,0 +1,197 @@
+"""LLVM IR for the uint8 SAD kernels (:mod:`addersr.ops.sad`), as numba intrinsics.
+
+``sad_block(variant, P, F)`` makes an intrinsic that computes a register block of P output
+pixels x F filters of ``sum |x - w|`` over kh kernel rows of ``seg`` bytes each (``seg`` a
+multiple of 32), with the accumulators kept in vector registers:
+
+* ``"avx512"``: ``llvm.x86.avx512.psad.bw.512`` on <64 x i8> for every whole 64 bytes of
+  a kernel row, then the AVX2 form below for a remaining 32, added into the low half of
+  the same 512-bit accumulator (AVX-512BW only).
+* ``"vpsadbw"``: ``llvm.x86.avx2.psad.bw`` on <32 x i8> (32 byte-wise |a - b|, summed in
+  four 64-bit lanes). Compiling these for a CPU without the instructions aborts the
+  process, so :func:`has_isa` must be checked first.
+* ``"portable"``: zext to <32 x i32>, sub, ``llvm.abs``, ``vector.reduce.add``; LLVM
+  selects SAD instructions for it where the target has them (psadbw on x86, uabd on
+  arm64) and plain vector code elsewhere.
+
+Intrinsic signature: ``(x, xoffs, w, fidx, out, ooffs, rowstride, kh, seg)`` with ``x``,
+``w`` flat uint8 arrays, ``xoffs`` (P,) the byte offset of each pixel's patch (kernel row
+0), ``fidx`` (F,) filter indices (filter f starts at ``f * kh * seg`` in ``w``), and
+``out`` a flat int32 array receiving pixel p, filter f at ``ooffs[p] + fidx[f]``.
+Also ``f32_bits`` / ``bits_f32``: bit casts between float32 and int32.
+"""
+
+import platform
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import intrinsic
+
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_LANES = 32
+
+
+def has_isa(feature):
+    """True when numba compiles for an x86-64 CPU with ``feature`` ("avx2", "avx512bw"): the
+    host, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES select another target."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if config.CPU_FEATURES:
+        return f"+{feature}" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME not in (None, "host"):
+        return False
+    import llvmlite.binding as ll
+    return bool(ll.get_host_cpu_features().get(feature, False))
+
+
+def has_avx2():
+    return has_isa("avx2")
+
+
+def _vector_load(builder, base, offset, lanes=_LANES):
+    ptr = builder.gep(base, [offset])
+    ptr = builder.bitcast(ptr, ir.VectorType(_I8, lanes).as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def _psadbw_ops(builder, lanes=_LANES):
+    acc_t = ir.VectorType(_I64, lanes // 8)
+    name = "llvm.x86.avx2.psad.bw" if lanes == 32 else "llvm.x86.avx512.psad.bw.512"
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(acc_t, [ir.VectorType(_I8, lanes)] * 2), name)
+    red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I64, [acc_t]),
+                                         f"llvm.vector.reduce.add.v{lanes // 8}i64")
+    return (acc_t, lambda acc, a, b: builder.add(acc, builder.call(fn, [a, b])),
+            lambda acc: builder.call(red, [acc]))
+
+
+def _portable_ops(builder):
+    # Each 32-byte step is reduced at once: LLVM's x86 back end recognises
+    # reduce.add(abs(zext a - zext b)) as psadbw; a vector accumulator hides the pattern.
+    vec_t = ir.VectorType(_I32, _LANES)
+    abs_fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec_t, [vec_t, ir.IntType(1)]),
+                                            "llvm.abs.v32i32")
+    red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [vec_t]),
+                                         "llvm.vector.reduce.add.v32i32")
+
+    def step(acc, a, b):
+        d = builder.sub(builder.zext(a, vec_t), builder.zext(b, vec_t))
+        return builder.add(acc, builder.call(red, [builder.call(abs_fn, [d, ir.Constant(ir.IntType(1), 0)])]))
+
+    return _I32, step, lambda acc: builder.sext(acc, _I64)
+
+
+def _passes(variant, builder):
+    """(acc type, reduce, [(bytes per step, step)]): a kernel row is covered by as many steps
+    of the first width as fit, then of the next, all into one accumulator per output."""
+    if variant == "avx512":
+        acc_t, step64, reduce_ = _psadbw_ops(builder, 64)
+        _, step32, _ = _psadbw_ops(builder, 32)
+        zero4 = ir.Constant(ir.VectorType(_I64, 4), None)
+        widen = ir.Constant(ir.VectorType(_I32, 8), list(range(8)))
+
+        def step_half(acc, a, b):  # a 32-byte SAD into the low half of the 512-bit accumulator
+            return builder.add(acc, builder.shuffle_vector(step32(zero4, a, b), zero4, widen))
+
+        return acc_t, reduce_, [(64, step64), (32, step_half)]
+    acc_t, step, reduce_ = (_psadbw_ops if variant == "vpsadbw" else _portable_ops)(builder)
+    return acc_t, reduce_, [(32, step)]
+
+
+def _transpose_sum(builder, vecs):
+    """The lane sums of equally long i64 vectors, as scalars in order: pairs of vectors are
+    folded (even lanes + odd lanes of the two) until each lane holds one whole sum, which
+    costs far fewer shuffles than reducing every vector on its own."""
+    lanes, per = vecs[0].type.count, vecs[0].type.count
+    while per > 1 and len(vecs) > 1 and len(vecs) % 2 == 0:
+        even = ir.Constant(ir.VectorType(_I32, lanes), list(range(0, 2 * lanes, 2)))
+        odd = ir.Constant(ir.VectorType(_I32, lanes), list(range(1, 2 * lanes, 2)))
+        vecs = [builder.add(builder.shuffle_vector(x, y, even), builder.shuffle_vector(x, y, odd))
+                for x, y in zip(vecs[0::2], vecs[1::2])]
+        per //= 2
+    out = []
+    for v in vecs:  # each vector now holds lanes // per sums of ``per`` adjacent lanes
+        for k in range(lanes // per):
+            parts = [builder.extract_element(v, ir.Constant(_I32, k * per + j)) for j in range(per)]
+            total = parts[0]
+            for part in parts[1:]:
+                total = builder.add(total, part)
+            out.append(total)
+    return out
+
+
+def _data(context, builder, arytype, value):
+    return cgutils.create_struct_proxy(arytype)(context, builder, value=value).data
+
+
+def sad_block(variant, n_pix, n_filt):
+    """The SAD register-block intrinsic for ``variant`` ("vpsadbw" or "portable")."""
+    if variant not in ("avx512", "vpsadbw", "portable"):
+        raise ValueError(f"unknown SAD variant {variant!r}")
+
+    @intrinsic
+    def _sad(typingctx, x, xoffs, w, fidx, out, ooffs, rowstride, kh, seg):
+        sig = types.void(x, xoffs, w, fidx, out, ooffs, rowstride, kh, seg)
+
+        def codegen(context, builder, signature, args):
+            ax, axo, aw, afi, aout, aoo, rs, nkh, nseg = args
+            tys = signature.args
+            xp, wp = _data(context, builder, tys[0], ax), _data(context, builder, tys[2], aw)
+            xo, fi = _data(context, builder, tys[1], axo), _data(context, builder, tys[3], afi)
+            op, oo = _data(context, builder, tys[4], aout), _data(context, builder, tys[5], aoo)
+            acc_t, reduce_, passes = _passes(variant, builder)
+            rs, nkh, nseg = (builder.sext(v, _I64) if v.type.width < 64 else v for v in (rs, nkh, nseg))
+            xbase = [builder.load(builder.gep(xo, [ir.Constant(_I64, p)])) for p in range(n_pix)]
+            fids = [builder.load(builder.gep(fi, [ir.Constant(_I64, f)])) for f in range(n_filt)]
+            flen = builder.mul(nkh, nseg)
+            wbase = [builder.mul(f, flen) for f in fids]
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_t, None)) for _ in range(n_pix * n_filt)]
+            with cgutils.for_range(builder, nkh) as row:
+                xrow = builder.mul(row.index, rs)
+                wrow = builder.mul(row.index, nseg)
+                start, left = ir.Constant(_I64, 0), nseg
+                for width, step in passes:
+                    size = ir.Constant(_I64, width)
+                    count = builder.udiv(left, size)
+                    with cgutils.for_range(builder, count) as chunk:
+                        t = builder.add(start, builder.mul(chunk.index, size))
+                        wv = [_vector_load(builder, wp, builder.add(builder.add(b, wrow), t), width)
+                              for b in wbase]
+                        for p in range(n_pix):
+                            xv = _vector_load(builder, xp, builder.add(builder.add(xbase[p], xrow), t), width)
+                            for f in range(n_filt):
+                                slot = accs[p * n_filt + f]
+                                builder.store(step(builder.load(slot), xv, wv[f]), slot)
+                    start = builder.add(start, builder.mul(count, size))
+                    left = builder.sub(left, builder.mul(count, size))
+            for p in range(n_pix):
+                obase = builder.load(builder.gep(oo, [ir.Constant(_I64, p)]))
+                row_accs = [builder.load(accs[p * n_filt + f]) for f in range(n_filt)]
+                if isinstance(acc_t, ir.VectorType):
+                    totals = _transpose_sum(builder, row_accs)
+                else:
+                    totals = [reduce_(a) for a in row_accs]
+                for f, total in enumerate(totals):
+                    builder.store(builder.trunc(total, _I32), builder.gep(op, [builder.add(obase, fids[f])]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _sad
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The int32 bit pattern of a float32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _I32)
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, i):
+    """The float32 whose bit pattern is the int32 ``i``."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
