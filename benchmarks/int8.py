@@ -253,6 +253,8 @@ def main(argv=None):
     p.add_argument("--data-root", help="benchmark sets folder (default $ADDERSR_DATA/benchmark)")
     p.add_argument("--out", default="int8_cpu", help="results/OUT.md and .json (default int8_cpu)")
     args = p.parse_args(argv)
+    if not args.no_models and not os.environ.get("ADDERSR_DATA"):
+        p.error("the int8 CNN twin is calibrated on T91: set ADDERSR_DATA (a folder holding train/T91)")
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
     machine = _cpu()
