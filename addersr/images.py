@@ -202,16 +202,19 @@ def _read_tiff16(path):
 
 # --------------------------------------------------------------------------- writing
 
-def save_png(image, path):
+def save_png(image, path, compress_level=6):
     """Write a Pillow image or a uint8/uint16 numpy array (HxW, HxWx2/3/4) as PNG, atomically.
 
-    Returns ``path``; on any error no file (or the previous one) is left at ``path``.
+    ``compress_level``: zlib's 0-9 for 8-bit images (6, Pillow's default; 1 writes a
+    1024x1024 picture about 5x faster and 15% larger). Returns ``path``; on any error no
+    file (or the previous one) is left at ``path``.
     """
     if isinstance(image, Image.Image):
-        return atomic_write(path, lambda f: image.save(f, format="PNG"))
+        return atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=compress_level))
     array = np.asarray(image)
     if array.dtype == np.uint8:
-        return atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+        return atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG",
+                                                                        compress_level=compress_level))
     if array.dtype == np.uint16:
         return atomic_write(path, lambda f: _write_png16(array, f))
     raise ValueError(f"cannot save a {array.dtype} array as PNG (expected uint8 or uint16)")

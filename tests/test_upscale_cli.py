@@ -94,6 +94,15 @@ def test_png16_save_load_roundtrip_is_lossless(tmp_path, shape):
             np.testing.assert_array_equal(np.asarray(pil), (array >> 8).astype(np.uint8))
 
 
+def test_png_compress_level_changes_the_size_not_the_pixels(tmp_path):
+    smooth = np.kron(np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8),
+                     np.ones((8, 8, 1), np.uint8))
+    fast, small = save_png(smooth, tmp_path / "f.png", 1), save_png(smooth, tmp_path / "s.png", 9)
+    for path in (fast, small):
+        np.testing.assert_array_equal(np.asarray(load_image(path)), smooth)
+    assert fast.stat().st_size > small.stat().st_size
+
+
 def test_png16_gray_crosschecked_with_pillow(tmp_path):
     """16-bit gray both ways: Pillow's (filtered) file read by us, ours read by Pillow."""
     gray = _random16((13, 10), 6)

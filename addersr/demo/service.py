@@ -25,6 +25,7 @@ from addersr.images import ImageError, load_image, read_image, save_png
 from addersr.inference import upscale
 
 KEEP_RESULTS_S = 3600  # results older than this are deleted
+FAST_PNG = 1  # zlib level of the result PNGs: a request's time is the user's (lossless; ~15% larger)
 EXAMPLE_REDUCTION = 4  # the Set5 examples are shrunk this much (MATLAB bicubic) to be LR inputs
 
 
@@ -207,15 +208,15 @@ class Upscaler:
         sr, seconds = run(request.name, "Upscaling tiles", request.precision)
         folder, stem = self._result_dir(), f"{request.path.stem}_x{request.scale}"
         suffix = "-int8" if request.precision == INT8 else ""
-        output = save_png(sr, folder / f"{stem}_{request.name}{suffix}.png")
+        output = save_png(sr, folder / f"{stem}_{request.name}{suffix}.png", FAST_PNG)
         twin = twin_seconds = None
         if request.compare == TWIN:
             twin = self.catalogue.twin(request.name)
             op = OP_NAMES[self.catalogue.weights[twin]["op"]]
             twin_sr, twin_seconds = run(twin, f"{op} twin: upscaling tiles")
-            other = save_png(twin_sr, folder / f"{stem}_{twin}.png")
+            other = save_png(twin_sr, folder / f"{stem}_{twin}.png", FAST_PNG)
         else:
-            other = save_png(bicubic(lr, request.scale), folder / f"{stem}_bicubic.png")
+            other = save_png(bicubic(lr, request.scale), folder / f"{stem}_bicubic.png", FAST_PNG)
         out_w, out_h = _size(sr)
         ops, twin_ops, twin_op = self.counts(request.name, (out_h, out_w), request.scale,
                                              request.precision)
