@@ -91,9 +91,10 @@ def _pow(y, a):
     return r if y > np.float32(1e-37) else np.float32(0.0)
 
 
-def _sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, sh, sw, xo, oo, fi):
+def _sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, sh, sw):
     """Template: SAD of output row (n, ho) into ``acc`` (out_w * n_out int32, pixel-major)."""
     npix, nfil = BLOCK_P, BLOCK_F
+    xo, oo, fi = np.empty(npix, np.int64), np.empty(npix, np.int64), np.empty(nfil, np.int64)
     seg = kw * cp
     for wo0 in range(0, out_w, npix):
         for p in range(npix):
@@ -115,10 +116,8 @@ def _sad_kernel(xq, wq, out, sh, sw):
     for job in prange(n_batch * out_h):
         n = job // out_h
         ho = job - n * out_h
-        xo, oo = np.empty(BLOCK_P, np.int64), np.empty(BLOCK_P, np.int64)
-        fi = np.empty(BLOCK_F, np.int64)
         acc = out[n, ho].reshape(-1)
-        sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, sh, sw, xo, oo, fi)
+        sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, sh, sw)
 
 
 def _layer_kernel(xq, wq, alpha, beta, s_in, a_pow, relu, skip, res_scale, fout, qout, inv_s_out,
@@ -134,11 +133,9 @@ def _layer_kernel(xq, wq, alpha, beta, s_in, a_pow, relu, skip, res_scale, fout,
     for job in prange(n_batch * out_h):
         n = job // out_h
         ho = job - n * out_h
-        xo, oo = np.empty(BLOCK_P, np.int64), np.empty(BLOCK_P, np.int64)
-        fi = np.empty(BLOCK_F, np.int64)
         acc = np.empty(out_w * n_out, np.int32)
         v = np.empty((out_w, n_out), np.float32)
-        sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, 1, 1, xo, oo, fi)
+        sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, 1, 1)
         _epilogue(acc.reshape(out_w, n_out), v, xq[n, ho + ph, pw:pw + out_w], alpha, beta, s_in,
                   a_pow, relu, skip[n, ho] if has_skip else v, res_scale, has_skip)
         if write_f:
