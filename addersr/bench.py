@@ -107,12 +107,13 @@ def _jobs(args, parser, device):
             network = load(source, device=device, precision=args.precision)
         except (FileNotFoundError, ValueError) as err:
             parser.error(str(err))
-        # every scale the weights were trained for (int8: the one it is calibrated for)
-        served = [s for s in (trained_scales(network.meta) if args.precision == "fp32" else [network.scale])
-                  if not args.scales or s in args.scales]
+        # every scale the weights were trained for (int8: those its calibration covers)
+        served = [s for s in trained_scales(network.meta) if (not args.scales or s in args.scales)
+                  and (args.precision == "fp32" or s in network.int8_scales)]
         if not served:
             continue
-        loaded = {s: network if s == network.scale else load(source, device=device, scale=s) for s in served}
+        loaded = {s: network if s == network.scale else load(source, device=device, scale=s,
+                                                             precision=args.precision) for s in served}
         jobs.append(Job(network.meta["model"], network.meta["op"], served,
                         weights=_stem_name(source) + ("-int8" if args.precision == "int8" else ""),
                         loaded=loaded))

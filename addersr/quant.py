@@ -26,7 +26,8 @@ from .nn import AdderSRLayer
 from .nn.quantized import quantized_class
 
 __all__ = ["CALIBRATION_SET", "SUFFIX", "calibrate", "calibration_images", "calibration_path",
-           "load_int8", "main", "quantize", "save_calibration"]
+           "calibrated_scales", "load_int8", "main", "quantize", "save_calibration",
+           "served_scales"]
 
 SUFFIX = ".int8.json"
 FORMAT = "addersr-int8"
@@ -65,7 +66,8 @@ def calibration_images(data_root=None, count=IMAGES):
 @torch.no_grad()
 def calibrate(model, images, margin=MARGIN):
     """``{layer name: [lo, hi]}``: the input range of every adder layer of the fp32 ``model``
-    over the HR uint8 ``images`` (shrunk by the model's scale), widened by ``margin``."""
+    over the HR uint8 ``images`` shrunk by each scale the model serves (multi-scale VDSR
+    weights: every trained scale, see :func:`served_scales`), widened by ``margin``."""
     from .data.patches import make_lr_images
     if not images:
         raise ValueError("calibration needs at least one image")
@@ -78,21 +80,30 @@ def calibrate(model, images, margin=MARGIN):
             ranges[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, AdderSRLayer)]
-    try:
-        model.eval()
-        for lr in make_lr_images(images, model.scale)[1]:
-            model(torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float() / 255)
-    finally:
-        for h in handles:
-            h.remove()
+    for scale in served_scales(model):
+        net = model if scale == model.scale else model.at_scale(scale)
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in net.named_modules()
+                   if isinstance(m, AdderSRLayer)]
+        try:
+            net.eval()
+            for lr in make_lr_images(images, scale)[1]:
+                net(torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float() / 255)
+        finally:
+            for h in handles:
+                h.remove()
     out = {}
     for name, (lo, hi) in ranges.items():
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         pad = margin * (hi - lo)
         out[name] = [lo - pad if lo < 0 else 0.0, hi + pad]
     return out
+
+
+def served_scales(model):
+    """The scales an fp32 ``model`` serves: its weights' trained ones (``model.meta``), else its own."""
+    from .models.store import trained_scales
+    meta = getattr(model, "meta", None)
+    return trained_scales(meta) if meta else [model.scale]
 
 
 def quantize(model, ranges, bits=8):
@@ -102,13 +113,16 @@ def quantize(model, ranges, bits=8):
     return quantized_class(model)(model, ranges, bits)
 
 
-def save_calibration(stem, ranges, images, margin=MARGIN, bits=8):
-    """Write ``NAME.int8.json`` for the weights ``stem`` (atomically); returns its path."""
+def save_calibration(stem, ranges, images, margin=MARGIN, bits=8, scales=None):
+    """Write ``NAME.int8.json`` for the weights ``stem`` (atomically), valid at ``scales``
+    (None: the weights' recorded scale); returns its path."""
     stem = Path(stem)
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "bits": bits,
             "weights_sha256": _sha256(stem.with_name(stem.name + ".safetensors")),
             "calibration": {"set": CALIBRATION_SET, "images": list(images), "margin": margin},
             "ranges": {k: [float(v) for v in r] for k, r in ranges.items()}}
+    if scales is not None:
+        info["scales"] = [int(x) for x in scales]
     path = calibration_path(stem)
     atomic_write(path, lambda f: f.write(json.dumps(info, indent=2) + "\n"), mode="w")
     return path
@@ -131,23 +145,47 @@ def _read_calibration(stem):
     return info
 
 
-def load_int8(path_or_name, device="cpu", backend=None):
-    """The int8 model of adder weights ``path_or_name`` (calibration beside them).
+def calibrated_scales(info, recorded):
+    """The scales a calibration file's ``info`` covers: its ``scales``, else the weights'
+    ``recorded`` scale (files written before multi-scale calibration)."""
+    scales = info.get("scales", [recorded])
+    if not isinstance(scales, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in scales):
+        raise ValueError(f"\"scales\" must be a list of scales, got {scales!r}")
+    return scales
 
-    Raises ValueError (one line) for a CNN, a missing or stale calibration or a non-CPU device.
+
+def load_int8(path_or_name, device="cpu", backend=None, scale=None):
+    """The int8 model of adder weights ``path_or_name`` (calibration beside them) at ``scale``
+    (None: the recorded one); its ``int8_scales`` lists the scales the calibration covers.
+
+    Raises ValueError (one line) for a CNN, a missing or stale calibration, a scale it does
+    not cover or a non-CPU device.
     """
-    from .models.store import _resolve, load
+    from .models.store import _resolve, _stem, load, trained_scales
     if torch.device(device).type != "cpu":
         raise ValueError(f"int8 models run on the CPU only, not {device}")
     model = load(path_or_name, device="cpu", backend=backend)
     if model.op != "adder":
         raise ValueError(f"{Path(str(path_or_name)).name} is a CNN: int8 needs an adder model")
-    info = _read_calibration(_resolve(path_or_name)[0])
+    stem = _resolve(path_or_name)[0]
+    info = _read_calibration(stem)
+    try:
+        covered = calibrated_scales(info, model.scale)
+    except ValueError as e:
+        raise ValueError(f"{calibration_path(stem)}: {e}") from None
+    if scale is not None and scale != model.scale:
+        if scale not in covered:
+            name = _stem(path_or_name).name
+            fix = (f"; recalibrate (python -m addersr.quant {name}) or use fp32 for it"
+                   if scale in trained_scales(model.meta) else "")
+            raise ValueError(f"{name}: int8 serves {', '.join(f'x{x}' for x in covered)} only "
+                             f"(its calibration), not x{scale}{fix}")
+        model = load(path_or_name, device="cpu", backend=backend, scale=scale)
     try:
         qmodel = quantize(model, info["ranges"], int(info.get("bits", 8)))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{calibration_path(_resolve(path_or_name)[0])}: {e}") from None
-    qmodel.calibration = info["calibration"]
+        raise ValueError(f"{calibration_path(stem)}: {e}") from None
+    qmodel.calibration, qmodel.int8_scales = info["calibration"], covered
     return qmodel.eval()
 
 
@@ -169,8 +207,10 @@ def main(argv=None):
                 raise ValueError(f"{source} is a CNN: only adder models are calibrated")
             stem = _resolve(source)[0]
             ranges = calibrate(model, images, args.margin)
-            print(f"{save_calibration(stem, ranges, names, args.margin)}: {len(ranges)} layers "
-                  f"from {len(names)} {CALIBRATION_SET} images")
+            scales = served_scales(model)
+            path = save_calibration(stem, ranges, names, args.margin, scales=scales)
+            print(f"{path}: {len(ranges)} layers from {len(names)} {CALIBRATION_SET} images "
+                  f"at {', '.join(f'x{x}' for x in scales)}")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

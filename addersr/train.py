@@ -94,6 +94,10 @@ def parse_args(argv=None):
                        help="standard deviation of the N(0, STD) initial adder weights (default 1, AdderNet's)")
     adder.add_argument("--bn-momentum", type=float, default=None,
                        help="momentum of the batch-norm running statistics (default 0.1)")
+    adder.add_argument("--precise-bn", type=int, default=None, metavar="N",
+                       help="before each validation and the export, recompute the batch-norm "
+                            "statistics over N training batches of the current weights (default 0: "
+                            "keep the running averages, which lag behind fast-moving weights)")
     adder.add_argument("--power-init", type=float, default=None,
                        help="initial exponent of the power activations (default 1, AdderSR's)")
     adder.add_argument("--power-learn", type=_bool, default=None, metavar="yes|no",
@@ -116,7 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="last", default=None, metavar="CKPT",
                    help="continue from OUT/last.pt (OUT: --out, or the default for --model/--scale/--op), "
                         "or from the checkpoint CKPT; --iters, --out, --val-every, --val-data, "
-                        "--ckpt-every, --export, --workers, --device and --data-root may change")
+                        "--ckpt-every, --export, --workers, --device, --data-root and --precise-bn may change")
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="start from exported weights (a name in weights/ or a path): load every tensor "
                         "whose name and shape match; with the same architecture and scale, continue "

@@ -194,7 +194,8 @@ def _md_models(rows):
 
 
 def psnr_table(sets, data_root, names=None):
-    """PSNR/SSIM of the shipped adder models ``names`` (default all) in fp32 and int8 on ``sets``."""
+    """PSNR/SSIM of the shipped adder models ``names`` (default all) in fp32 and int8 on ``sets``,
+    at every scale their calibration covers (multi-scale VDSR: each trained scale)."""
     from addersr.data import dataset_root
     root = dataset_root(data_root)
     rows = []
@@ -202,28 +203,39 @@ def psnr_table(sets, data_root, names=None):
         name = path.with_suffix("").name
         if meta["op"] != "adder" or (names and name not in names):
             continue
-        nets = {"fp32": models.load(name), "int8": models.load(name, precision="int8")}
-        for ds in sets:
-            r = {p: evaluate(m, root / ds, m.scale, progress=False) for p, m in nets.items()}
-            rows.append({"weights": name, "set": ds, **{f"{p}_{k}": r[p][k] for p in r for k in ("psnr", "ssim")}})
-            print(rows[-1], flush=True)
+        for scale in models.load(name, precision="int8").int8_scales:
+            nets = {"fp32": models.load(name, scale=scale), "int8": models.load(name, precision="int8", scale=scale)}
+            for ds in sets:
+                r = {p: evaluate(m, root / ds, scale, progress=False) for p, m in nets.items()}
+                rows.append({"weights": name, "scale": scale, "set": ds,
+                             **{f"{p}_{k}": r[p][k] for p in r for k in ("psnr", "ssim")}})
+                print(rows[-1], flush=True)
     return rows
 
 
+def _row_key(r):
+    """(weights, scale, set); rows of runs before multi-scale weights name no scale: their weights'."""
+    scale = r.get("scale") or models.read(r["weights"])[0]["scale"]
+    return r["weights"], scale, r["set"]
+
+
 def psnr_main(args, machine, argv):
-    """Score, merge with the rows already in results/OUT.json (same weights and set: replaced),
-    and write the table of all of them."""
+    """Score, merge with the rows already in results/OUT.json (same weights, scale and set:
+    replaced), and write the table of all of them."""
     stem = args.out if args.out != "int8_cpu" else "int8_psnr"
     t0 = time.time()
     rows = psnr_table(args.psnr, args.data_root, args.psnr_weights)
     path = RESULTS / f"{stem}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
-    new_keys = {(r["weights"], r["set"]) for r in rows}
-    rows = sorted([r for r in old if (r["weights"], r["set"]) not in new_keys] + rows,
-                  key=lambda r: (r["weights"], ("Set5", "Set14", "B100", "Urban100").index(r["set"])
-                                 if r["set"] in ("Set5", "Set14", "B100", "Urban100") else 9))
-    lines = ["| weights | set | fp32 PSNR/SSIM | int8 PSNR/SSIM | int8 - fp32 (dB) |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['weights']} | {r['set']} | {r['fp32_psnr']:.3f}/{r['fp32_ssim']:.4f} | "
+    for r in old:
+        r["scale"] = _row_key(r)[1]
+    new_keys = {_row_key(r) for r in rows}
+    order = ("Set5", "Set14", "B100", "Urban100")
+    rows = sorted([r for r in old if _row_key(r) not in new_keys] + rows,
+                  key=lambda r: (r["weights"], r["scale"], order.index(r["set"]) if r["set"] in order else 9))
+    lines = ["| weights | scale | set | fp32 PSNR/SSIM | int8 PSNR/SSIM | int8 - fp32 (dB) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['weights']} | x{r['scale']} | {r['set']} | {r['fp32_psnr']:.3f}/{r['fp32_ssim']:.4f} | "
               f"{r['int8_psnr']:.3f}/{r['int8_ssim']:.4f} | {r['int8_psnr'] - r['fp32_psnr']:+.4f} |" for r in rows]
     md = (f"# 8-bit adder models against fp32: PSNR/SSIM (Y channel, bench protocol)\n\n"
           f"`python benchmarks/int8.py {' '.join(argv or sys.argv[1:])}` (rows of earlier runs merged) on "

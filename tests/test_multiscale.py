@@ -271,11 +271,69 @@ def test_teacher_is_refused_with_several_scales(data, tmp_path, capsys):
 
 
 def test_int8_serves_the_calibrated_scale_only(tmp_path):
+    """A calibration file without ``scales`` (written before multi-scale calibration) covers
+    the weights' recorded scale alone; another trained scale is a one-line error."""
     from addersr import quant
     models.save(models.build("vdsr", 2, op="adder", depth=3, n_feats=8), tmp_path / "q", {"scales": SCALES})
     images = [np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)]
     quant.save_calibration(tmp_path / "q", quant.calibrate(models.load(tmp_path / "q"), images), ["a.png"])
     assert models.load(tmp_path / "q", precision="int8", scale=2).scale == 2
     assert models.load(tmp_path / "q", scale=3).scale == 3  # fp32 serves every trained scale
-    with pytest.raises(ValueError, match=r"^q: int8 serves x2 only \(its calibration\), not x3; use fp32 for it$"):
+    with pytest.raises(ValueError, match=r"^q: int8 serves x2 only \(its calibration\), not x3; "
+                       r"recalibrate \(python -m addersr.quant q\) or use fp32 for it$"):
         models.load(tmp_path / "q", precision="int8", scale=3)
+
+
+def _calibrated_ms(tmp_path, seed=0):
+    """Multi-scale adder VDSR weights ``ms`` calibrated by ``python -m addersr.quant`` on a
+    T91 folder of random images (every trained scale)."""
+    from addersr import quant
+    torch.manual_seed(seed)
+    model = models.build("vdsr", 2, op="adder", depth=4, n_feats=8)
+    with torch.no_grad():  # BN statistics of a trained model: not the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-3, -1), m.running_var.uniform_(0.5, 2)
+    models.save(model, tmp_path / "ms", {"scales": SCALES})
+    folder = tmp_path / "data" / "train" / "T91"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(3):
+        smooth = np.kron(rng.integers(0, 256, (8, 9, 3), dtype=np.uint8), np.ones((6, 6, 1), np.uint8))
+        Image.fromarray(smooth).save(folder / f"{i}.png")
+    assert quant.main([str(tmp_path / "ms"), "--data-root", str(tmp_path / "data")]) == 0
+    return quant
+
+
+def test_int8_calibration_covers_every_trained_scale(tmp_path, capsys):
+    """``python -m addersr.quant`` on multi-scale weights measures each layer's range at every
+    trained scale (their union) and records the scales: int8 then serves each of them, close
+    to fp32, in load, the bench and the demo service."""
+    quant = _calibrated_ms(tmp_path)
+    assert "at x2, x3, x4" in capsys.readouterr().out
+    info = json.loads((tmp_path / "ms.int8.json").read_text())
+    assert info["scales"] == SCALES
+    fp32 = models.load(tmp_path / "ms")
+    images, _ = quant.calibration_images(tmp_path / "data")
+    for s in SCALES:  # the union holds each scale's own range
+        alone = quant.calibrate(fp32.at_scale(s), images)
+        for name, (lo, hi) in alone.items():
+            assert info["ranges"][name][0] <= lo + 1e-6 and hi <= info["ranges"][name][1] + 1e-6
+    x = torch.from_numpy(images[0][:20, :22].copy()).permute(2, 0, 1)[None].float() / 255
+    for s in SCALES:
+        q = models.load(tmp_path / "ms", precision="int8", scale=s)
+        assert q.scale == s and q.int8_scales == SCALES
+        want = models.load(tmp_path / "ms", scale=s)(x)
+        got = q(x)
+        assert got.shape == want.shape == (1, 3, 20 * s, 22 * s)
+        assert (got - want).abs().max() < 0.02
+    up = Upscaler(tmp_path, device="cpu")
+    assert [up.precisions("ms", s) for s in SCALES] == [("int8", "fp32")] * 3
+    Image.fromarray(images[0][:10, :12]).save(tmp_path / "a.png")
+    assert up.upscale(str(tmp_path / "a.png"), "ms", scale=4).precision == "int8"
+    bench_dir = tmp_path / "bench" / "Set5"
+    bench_dir.mkdir(parents=True)
+    Image.fromarray(images[1][:24, :24]).save(bench_dir / "b.png")
+    rows = bench.main(["--weights", str(tmp_path / "ms"), "--data-root", str(tmp_path / "bench"),
+                       "--datasets", "Set5", "--no-lpips", "--device", "cpu", "--precision", "int8"])
+    assert [r["scale"] for r in rows] == SCALES

@@ -100,17 +100,21 @@ def test_energy_charges_int8_adder_ops():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_models_in_int8_keep_their_psnr(name, one_thread):
-    """Two Set5 images (the shipped assets): int8 within 0.05 dB of fp32 for each."""
+    """Two Set5 images (the shipped assets): int8 within 0.05 dB of fp32 for each, at every
+    scale the weights were trained for (multi-scale VDSR: x2, x3, x4)."""
     from addersr.data import dataset_root, list_images
     from addersr.data import read_image
-    m32, m8 = models.load(name), models.load(name, precision="int8")
-    assert m8.calibration["set"] == "T91"
-    for path in list_images(dataset_root() / "Set5")[:2]:
-        lr, hr = make_pair(read_image(path), m32.scale)
-        x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float() / 255
-        with torch.no_grad():
-            scores = [psnr(to_uint8(m(x)), hr, m32.scale) for m in (m32, m8)]
-        assert abs(scores[0] - scores[1]) < 0.05, (path.name, scores)
+    scales = models.trained_scales(models.read(name)[0])
+    assert models.load(name, precision="int8").int8_scales == scales
+    for scale in scales:
+        m32, m8 = models.load(name, scale=scale), models.load(name, precision="int8", scale=scale)
+        assert m8.calibration["set"] == "T91"
+        for path in list_images(dataset_root() / "Set5")[:2]:
+            lr, hr = make_pair(read_image(path), scale)
+            x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].float() / 255
+            with torch.no_grad():
+                scores = [psnr(to_uint8(m(x)), hr, scale) for m in (m32, m8)]
+            assert abs(scores[0] - scores[1]) < 0.05, (path.name, scale, scores)
 
 
 def test_tiled_int8_matches_whole_image():

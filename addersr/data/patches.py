@@ -154,12 +154,13 @@ class PatchBatches(torch.utils.data.Dataset):
     def __len__(self):
         return self.length
 
-    def numpy_batch(self, index):
+    def numpy_batch(self, index, stream=0):
         """Batch ``index`` as (lr, hr) uint8 numpy arrays of shape (B, 3, h, w); with
-        ``scales``, ``lr`` is the list of the parts' LR arrays."""
+        ``scales``, ``lr`` is the list of the parts' LR arrays. ``stream`` > 0: batch
+        ``index`` of another sequence, independent of the training batches (stream 0)."""
         if not 0 <= index < self.length:
             raise IndexError(f"batch index {index} out of range [0, {self.length})")
-        rng = np.random.default_rng((self.seed, self.rank, index))
+        rng = np.random.default_rng((self.seed, self.rank, index) + ((stream,) if stream else ()))
         if self.parts is None:
             return self._draw(rng)
         drawn = [part._draw(rng) for part in self.parts]
@@ -177,7 +178,11 @@ class PatchBatches(torch.utils.data.Dataset):
         return augment(lr, hr, transforms)
 
     def __getitem__(self, index):
-        lr, hr = self.numpy_batch(int(index))
+        return self.tensors(int(index))
+
+    def tensors(self, index, stream=0):
+        """:meth:`numpy_batch` as uint8 tensors."""
+        lr, hr = self.numpy_batch(index, stream)
         lr = [torch.from_numpy(a) for a in lr] if self.parts else torch.from_numpy(lr)
         return lr, torch.from_numpy(hr)
 

@@ -68,21 +68,27 @@ class Catalogue:
         self._int8 = {name: self._int8_calibration(name) for name in self.weights}
 
     def _int8_calibration(self, name):
-        """True when adder weights ``name`` have a ``NAME.int8.json`` valid for them
-        (:mod:`addersr.quant`'s checks); a present but unusable one is warned about."""
-        stem = self.weights_dir / name
-        if self.weights[name]["op"] != "adder" or not quant.calibration_path(stem).is_file():
-            return False
+        """The scales at which adder weights ``name`` run in int8: those their valid
+        ``NAME.int8.json`` covers (:mod:`addersr.quant`'s checks), else none; a present but
+        unusable file is warned about."""
+        stem, meta = self.weights_dir / name, self.weights[name]
+        if meta["op"] != "adder" or not quant.calibration_path(stem).is_file():
+            return []
         try:
-            quant._read_calibration(stem)
+            covered = quant.calibrated_scales(quant._read_calibration(stem), meta["scale"])
         except (OSError, ValueError) as err:
             warnings.warn(f"int8 not offered for {name}: {err}", stacklevel=3)
-            return False
-        return True
+            return []
+        return [s for s in covered if s in models.trained_scales(meta)]
 
-    def calibrated(self, name):
-        """True when the weights ``name`` can run in int8 (at their recorded scale)."""
-        return self._int8.get(name, False)
+    def calibrated(self, name, scale=None):
+        """True when the weights ``name`` can run in int8 at ``scale`` (None: their recorded one)."""
+        covered = self._int8.get(name, [])
+        return bool(covered) and int(scale or self.weights[name]["scale"]) in covered
+
+    def int8_scales(self, name):
+        """The scales at which the weights ``name`` run in int8 (empty: none)."""
+        return list(self._int8.get(name, []))
 
     def scales(self):
         return sorted({s for meta in self.weights.values() for s in models.trained_scales(meta)})

@@ -85,10 +85,8 @@ def served_scale(catalogue, name, scale):
 def precisions(catalogue, name, scale=None, int8=True):
     """The precisions the weights ``name`` run at ``scale`` (None: their recorded one), the
     default first: ("int8", "fp32") for adder weights with an int8 calibration, at its
-    (recorded) scale, when ``int8`` (the server computes on a CPU); else ("fp32",)."""
-    meta = catalogue.weights[name]
-    calibrated = catalogue.calibrated(name) and (scale is None or int(scale) == int(meta["scale"]))
-    return PRECISIONS if int8 and calibrated else (FP32,)
+    scales, when ``int8`` (the server computes on a CPU); else ("fp32",)."""
+    return PRECISIONS if int8 and catalogue.calibrated(name, scale) else (FP32,)
 
 
 def check_precision(catalogue, name, scale, precision=None, int8=True):
@@ -106,10 +104,11 @@ def check_precision(catalogue, name, scale, precision=None, int8=True):
         why = f"{name} is a CNN: 8-bit (int8) runs AdderSR models only"
     elif not int8:
         why = "8-bit (int8) runs on a CPU only, and this server computes on a GPU"
-    elif not catalogue.calibrated(name):
+    elif not catalogue.int8_scales(name):
         why = f"{name} has no int8 calibration"
     else:
-        why = f"8-bit (int8) serves {name} at x{meta['scale']} only (its calibration)"
+        covered = ", ".join(f"x{s}" for s in catalogue.int8_scales(name))
+        why = f"8-bit (int8) serves {name} at {covered} only (its calibration)"
     raise Refused(f"{why}; choose fp32.")
 
 

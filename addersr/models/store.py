@@ -171,12 +171,12 @@ def load(path_or_name, device="cpu", backend=None, precision="fp32", scale=None)
     ``precision="int8"``: the 8-bit CPU form of adder weights, calibrated by
     ``NAME.int8.json`` (:func:`addersr.quant.load_int8`; ValueError for a CNN or without
     calibration). ``scale``: one of the scales the weights were trained for
-    (:func:`trained_scales`; default the recorded ``scale``; int8: that one only); ValueError
-    for another.
+    (:func:`trained_scales`; default the recorded ``scale``; int8: those its calibration
+    covers); ValueError for another.
     """
     if precision == "int8":
         from ..quant import load_int8
-        return _int8_scale(load_int8(path_or_name, device=device, backend=backend), scale, path_or_name)
+        return load_int8(path_or_name, device=device, backend=backend, scale=scale)
     if precision != "fp32":
         raise ValueError(f"unknown precision {precision!r}; expected 'fp32' or 'int8'")
     info, tensors = read(path_or_name)
@@ -216,16 +216,6 @@ def _served_scale(info, scale, json_path):
         raise ValueError(f"{json_path.with_suffix('').name} serves "
                          f"{', '.join(f'x{s}' for s in served)}, not x{scale}")
     return int(scale)
-
-
-def _int8_scale(model, scale, path_or_name):
-    """The int8 ``model`` when ``scale`` is its calibrated one (or None); else ValueError."""
-    if scale is not None and scale != model.scale:
-        served = trained_scales(model.meta)
-        name = _stem(path_or_name).name
-        raise ValueError(f"{name}: int8 serves x{model.scale} only (its calibration), not x{scale}"
-                         + ("; use fp32 for it" if scale in served else ""))
-    return model
 
 
 def _build(name, scale, op, backend, config):

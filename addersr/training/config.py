@@ -28,8 +28,12 @@ COMMON = dict(lr=1e-4, iters=300_000, lr_schedule="step", lr_step=200_000, lr_ga
               optimizer="adam", clip_grad=0.0, clip_adjustable=0.0, weight_decay=0.0,
               train_sets=["T91", "BSD200"], val_every=1000,
               ckpt_every=1000, seed=0, distill=1.0, distill_features=0.0)
+# Training batches over which the batch-norm statistics are recomputed before validation and
+# export (training/bnstats.py; 0: the running statistics as they are).
+PRECISE_BN = 0
 # Options of adder layers. CNN twins keep the published recipe (these do not apply to them).
-ADDER_BASE = dict(eta=0.2, adder_lr=1.0, adder_init=1.0, bn_momentum=0.1, power_init=1.0, power_learn=True)
+ADDER_BASE = dict(eta=0.2, adder_lr=1.0, adder_init=1.0, bn_momentum=0.1, power_init=1.0, power_learn=True,
+                  precise_bn=PRECISE_BN)
 # The adder recipe: ADDER_BASE changed by what benchmarks/recipe.py measured (docs/training.md).
 ADDER_RECIPE = dict(ADDER_BASE, optimizer="sgd", lr=0.08)
 # The adder recipe of each backbone. Deep stacks of self-shortcuts (VDSR's 18 layers, EDSR's
@@ -51,12 +55,12 @@ RECIPES = {
 }
 # Options that may differ on --resume; every other option must match the checkpoint.
 RUN_OPTIONS = ("iters", "out", "val_every", "val_data", "ckpt_every", "export", "workers",
-               "device", "data_root", "time_limit")
+               "device", "data_root", "time_limit", "precise_bn")
 # What defines a training run: recorded in exports as "recipe", continued by --init.
 RECIPE_KEYS = ("lr", "iters", "lr_schedule", "lr_step", "lr_gamma", "warmup", "optimizer", "clip_grad",
                "clip_adjustable", "weight_decay",
                "patch", "batch", "train_sets", "seed", "eta", "adder_lr", "other_lr", "adder_init", "bn_momentum",
-               "power_init", "power_learn", "teacher", "distill", "distill_features")
+               "precise_bn", "power_init", "power_learn", "teacher", "distill", "distill_features")
 
 
 class ConfigError(ValueError):
@@ -150,7 +154,7 @@ def check(cfg):
     for key in ("patch", "batch", "iters", "lr_step"):
         if cfg[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
-    for key in ("val_every", "ckpt_every", "workers", "warmup"):
+    for key in ("val_every", "ckpt_every", "workers", "warmup", "precise_bn"):
         if cfg[key] is not None and cfg[key] < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     if cfg["optimizer"] == "sgd+adam" and cfg["op"] != "adder":

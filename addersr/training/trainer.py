@@ -23,7 +23,7 @@ from ..device import hardware
 from ..models.common import rgb_to_ycbcr
 from ..nn import rescale_adder_grads
 from ..signals import ignore_in_worker
-from . import checkpoint, distributed, recovery
+from . import bnstats, checkpoint, distributed, recovery
 from .config import RECIPE_KEYS, scale_label
 from .schedule import set_lr
 
@@ -56,6 +56,7 @@ class Trainer:
         # stop: an addersr.signals.StopRequest (a SIGINT/SIGTERM ends the run after the step);
         # saved: the iteration of the last checkpoint in out/last.pt, None before the first
         self.stop, self.saved = None, None
+        self._bn_at = None  # the iteration whose weights the batch-norm statistics were recomputed for
         self.out = Path(cfg["out"])
         self.y_loss = cfg["model"] == "vdsr"
         self.scales = cfg.get("scales")  # several: VDSR's multi-scale run (batches of each scale)
@@ -194,6 +195,7 @@ class Trainer:
         """Score the model on the validation folder (at each scale of a multi-scale run: their
         mean is its score); record it; return whether it is the best."""
         it = self.iteration
+        self._precise_bn()
         self.model.eval()
         try:
             scores = self._scores()
@@ -217,6 +219,21 @@ class Trainer:
         tqdm.write(f"iteration {it}: {self.val_folder.name} PSNR {psnr:.3f} dB, SSIM {ssim:.4f}{each}"
                    + (" (best)" if improved else f" (best {self.best_psnr:.3f} dB)"))
         return improved
+
+    def _precise_bn(self):
+        """With ``--precise-bn N``: the batch-norm statistics of the current weights, from N
+        batches of a stream of their own (the training batches and RNG are not touched)."""
+        count = self.cfg.get("precise_bn") or 0
+        if not count or self._bn_at == self.iteration:
+            return
+        scales = self.scales
+
+        def forward(index):
+            lr = _unit(self.data.tensors(index % len(self.data), stream=1)[0], self.device)
+            self.model(lr) if scales is None else self.model(lr, scales)
+
+        bnstats.recompute(self.model, forward, range(count))
+        self._bn_at = self.iteration
 
     def _scores(self):
         """``{"2": {"psnr", "ssim"}, ...}``: the validation folder at each scale of the run."""
@@ -258,6 +275,7 @@ class Trainer:
             meta.update(_multi_scale_record(self.scales, self.last_val, meta))
         if self.history:
             meta["validation"] = self.history
+        self._precise_bn()  # done already when the last validation was at this iteration
         self.model.eval()
         written = models.save(self.model, path, meta)
         print(f"exported weights to {' and '.join(map(str, written))}", file=sys.stderr)
