@@ -180,7 +180,7 @@ def load_int8(path_or_name, device="cpu", backend=None, scale=None):
                    if scale in trained_scales(model.meta) else "")
             raise ValueError(f"{name}: int8 serves {', '.join(f'x{x}' for x in covered)} only "
                              f"(its calibration), not x{scale}{fix}")
-        model = load(path_or_name, device="cpu", backend=backend, scale=scale)
+        model = model.at_scale(scale)  # multi-scale VDSR: the same layers, another enlargement
     try:
         qmodel = quantize(model, info["ranges"], int(info.get("bits", 8)))
     except (TypeError, ValueError) as e:
