@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--patch", type=int, default=None, help="LR patch size (edsr 48, vdsr ceil(41/scale))")
     p.add_argument("--batch", type=int, default=None, help="patches per batch and process (edsr 16, vdsr 64)")
     p.add_argument("--iters", type=int, default=None, help="total iterations (default 300000)")
-    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-4; adder models 0.08, see ADDER_RECIPE)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default 1e-4, VDSR's CNN 1e-3; adder models 0.08, see ADDER_RECIPE)")
     p.add_argument("--lr-schedule", choices=["step", "cosine"], default=None,
                    help="step: x0.5 every --lr-step iterations; cosine: to 0 over --iters (default "
                         "step; on --resume the schedule of the checkpoint continues)")
@@ -77,7 +77,7 @@ def parse_args(argv=None):
                         "every other parameter)")
     p.add_argument("--other-lr", type=float, default=None,
                    help="with sgd+adam: Adam's learning rate for the parameters that are not adder "
-                        "weights (default 2e-4, the CNN twins')")
+                        "weights (default: the CNN twin's, 2e-4 for EDSR, 1e-3 for VDSR)")
     p.add_argument("--clip-grad", type=float, default=None,
                    help="clip the gradient norm of all parameters to this value (default 0: off)")
     p.add_argument("--clip-adjustable", type=float, default=None, metavar="THETA",

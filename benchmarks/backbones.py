@@ -53,7 +53,7 @@ def table(results, bicubic):
     """Markdown: each pair's Set5 curve for adder and CNN and the gap at the end."""
     steps = next(([p["iteration"] for p in r["curve"]] for r in results.values() if r.get("curve")), [])
     lines = ["| backbone | op | recipe | " + " | ".join(f"{s} steps" for s in steps)
-             + " | adder - CNN | seconds |", "|" + " --- |" * (5 + len(steps))]
+             + " | adder - CNN | seconds | machine |", "|" + " --- |" * (6 + len(steps))]
     for name, model, _ in PAIRS:
         for op in ("adder", "conv"):
             r = results.get(f"{name}-{op}")
@@ -61,14 +61,15 @@ def table(results, bicubic):
                 continue
             recipe = r["defaults"]["optimizer"] + f" {r['defaults']['lr']:g}"
             if r.get("diverged"):
-                lines.append(f"| {name} | {op} | {recipe} | " + " | ".join(["diverged"] * len(steps)) + " | | |")
+                lines.append(f"| {name} | {op} | {recipe} | " + " | ".join(["diverged"] * len(steps))
+                             + f" | | | {r.get('machine', '')} |")
                 continue
             psnr = [p["psnr"] for p in r["curve"]]
             twin = results.get(f"{name}-conv", {}).get("curve")
             gap = f"{psnr[-1] - twin[-1]['psnr']:+.2f}" if op == "adder" and twin else ""
             lines.append(f"| {name} | {op} | {recipe} | " + " | ".join(f"{v:.2f}" for v in psnr)
-                         + f" | {gap} | {r['seconds']:.0f} |")
-    lines.append("| bicubic | | | " + " | ".join(f"{bicubic:.2f}" for _ in steps) + " | | |")
+                         + f" | {gap} | {r['seconds']:.0f} | {r.get('machine', '')} |")
+    lines.append("| bicubic | | | " + " | ".join(f"{bicubic:.2f}" for _ in steps) + " | | | |")
     return "\n".join(lines)
 
 
@@ -100,6 +101,8 @@ def main(argv=None):
     args.results.parent.mkdir(parents=True, exist_ok=True)
     saved = _load(args.results)
     results = saved.get("runs", {}) if saved.get("steps") == args.steps else {}
+    for r in results.values():  # runs kept from an earlier file were measured on its machine
+        r.setdefault("machine", saved.get("machine"))
     bicubic = evaluate("bicubic", args.data / "benchmark" / "Set5", 2, progress=False)["psnr"]
     for name, model, extra in PAIRS:
         if name not in (args.only or names):
@@ -116,7 +119,7 @@ def main(argv=None):
             start = time.perf_counter()
             with open(args.workdir / "backbones.log", "a") as log:
                 measured = run_variant(key, run_argv, log)
-            results[key] = {**measured, "argv": shown, "defaults": defaults}
+            results[key] = {**measured, "argv": shown, "defaults": defaults, "machine": _machine()}
             curve = " ".join(f"{q['psnr']:.2f}" for q in measured["curve"]) or measured.get("diverged")
             print(f"{key}: Set5 {curve} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
             _save(args, results, bicubic)
@@ -130,7 +133,8 @@ def _save(args, results, bicubic):
     _write(args.results, json.dumps(doc, indent=1) + "\n")
     _write(args.results.with_suffix(".md"),
            f"# Every backbone's default recipe: adder vs CNN twin, small models on the CPU\n\n"
-           f"`{doc['command']}` ({args.steps} steps per run; {doc['machine']}). Set5 PSNR (dB, x2, "
+           f"`{doc['command']}` ({args.steps} steps per run; each row names the machine that ran it, "
+           f"whose seconds are not comparable with another's). Set5 PSNR (dB, x2, "
            f"bench protocol) after each quarter of the steps. Plot: docs/backbones.png.\n\n"
            + table(results, bicubic) + "\n")
     if results:

@@ -48,7 +48,9 @@ def test_backbones_tiny_run_writes_table_json_plot_and_skips_measured(tiny_data,
     assert doc["runs"]["vdsr-10x32-conv"]["defaults"]["optimizer"] == "adam"
     for run in doc["runs"].values():
         assert [p["iteration"] for p in run["curve"]] == [1, 2, 3, 4]
+        assert run["machine"] == backbones._machine()  # each row names the machine that ran it
     table = (out / "b.md").read_text()
+    assert table.count(f"| {backbones._machine()} |") == 2
     assert "| vdsr-10x32 | adder |" in table and "| bicubic |" in table and (out / "b.png").stat().st_size > 1000
     capsys.readouterr()
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from addersr import models, train
-from addersr.training import distributed
+from addersr.training import config, distributed
 from addersr.nn import Adder2d, PowerActivation
 from addersr.data import imresize
 from addersr.data.patches import PatchBatches, augment, load_training_images, make_lr_images
@@ -387,6 +387,21 @@ def test_sgd_adam_moves_adder_weights_by_sgd_and_the_rest_by_adam(data, tmp_path
             assert step.max().item() == pytest.approx(5e-3, rel=1e-3)
             moved_other += 1
     assert moved_adder == len(adder) and moved_other >= 4
+
+
+@pytest.mark.parametrize("model, op, lr, optimizer, other_lr", [
+    ("vdsr", "conv", 1e-3, "adam", None),  # VDSR's CNN: Adam at 1e-3 (CNN_RECIPES)
+    ("edsr", "conv", 1e-4, "adam", None), ("edsr-baseline", "conv", 1e-4, "adam", None),
+    ("vdsr", "adder", 0.08, "sgd+adam", 1e-3),  # the rest at its CNN twin's rate
+    ("edsr", "adder", 0.08, "sgd+adam", train.OTHER_LR), ("edsr-baseline", "adder", 0.08, "sgd", None)])
+def test_default_recipe_of_each_backbone_and_op(model, op, lr, optimizer, other_lr):
+    cfg = config.resolve(train._options(train.parse_args(["--model", model, "--op", op])))
+    assert (cfg["lr"], cfg["optimizer"], cfg["other_lr"]) == (lr, optimizer, other_lr)
+    given = ["--model", model, "--op", op, "--lr", "5e-4", "--other-lr", "3e-4", "--optimizer", "sgd+adam"]
+    if op == "adder":  # options given win over the backbone's defaults
+        assert config.resolve(train._options(train.parse_args(given)))["other_lr"] == 3e-4
+    else:
+        assert config.resolve(train._options(train.parse_args(given[:6])))["lr"] == 5e-4
 
 
 def test_sgd_adam_resumes_exactly_and_is_for_adder_models(data, tmp_path, capsys):
