@@ -53,3 +53,23 @@ def tiny_data(tmp_path):
                           np.ones((4, 4, 1), np.uint8))
             Image.fromarray(img).save(tmp_path / folder / f"{i}.png")
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def sr_data(tmp_path_factory):
+    """Training set ``train/A`` (three RGB images of awkward sizes and a gray one) and a
+    validation folder ``Set5`` (two blocky 24x28 pictures: multiples of 2, 3 (24 only) and 4)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(2)
+    (root / "train" / "A").mkdir(parents=True)
+    (root / "Set5").mkdir()
+    for i, (h, w) in enumerate([(40, 36), (44, 52), (37, 41)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "train" / "A" / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (30, 34), dtype=np.uint8)).save(root / "train" / "A" / "g.png")
+    for i in range(2):
+        smooth = np.kron(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8), np.ones((4, 4, 1), np.uint8))
+        Image.fromarray(smooth).save(root / "Set5" / f"{i}.png")
+    return root

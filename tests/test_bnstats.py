@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from addersr import models, train
@@ -41,16 +40,8 @@ def test_other_stream_is_independent_and_deterministic(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(1)
-    (root / "train" / "A").mkdir(parents=True)
-    (root / "Set5").mkdir()
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(root / "train" / "A" / f"{i}.png")
-    smooth = np.kron(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8), np.ones((4, 4, 1), np.uint8))
-    Image.fromarray(smooth).save(root / "Set5" / "a.png")
-    return root
+def data(sr_data):
+    return sr_data
 
 
 def _run(data, out, *extra, model="vdsr", scales=("2", "3")):
@@ -67,7 +58,7 @@ def test_training_recomputes_before_validation_and_export(data, tmp_path, model,
     """The same run with and without --precise-bn: identical weights and losses (the training
     is not touched), and the exported statistics are those of 5 batches of stream 1 of the
     final weights; the recipe records it."""
-    plain = _run(data, tmp_path / "plain", model=model, scales=scales)
+    _run(data, tmp_path / "plain", model=model, scales=scales)
     precise = _run(data, tmp_path / "precise", "--precise-bn", "5", model=model, scales=scales)
     a, b = models.load(tmp_path / "plain" / "w"), models.load(tmp_path / "precise" / "w")
     sa, sb = a.state_dict(), b.state_dict()
