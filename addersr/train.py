@@ -94,6 +94,9 @@ def parse_args(argv=None):
                        help="standard deviation of the N(0, STD) initial adder weights (default 1, AdderNet's)")
     adder.add_argument("--bn-momentum", type=float, default=None,
                        help="momentum of the batch-norm running statistics (default 0.1)")
+    adder.add_argument("--bn-init", type=float, default=None, metavar="GAMMA",
+                       help="initial scale (gamma) of the batch norm after each adder op (default 1; "
+                            "VDSR 0.1: each layer starts near its self-shortcut)")
     adder.add_argument("--precise-bn", type=int, default=None, metavar="N",
                        help="before each validation and the export, recompute the batch-norm "
                             "statistics over N training batches of the current weights (default 0: "

@@ -14,7 +14,7 @@ from PIL import Image
 
 from addersr import models, train
 from addersr.training import config, distributed
-from addersr.nn import Adder2d, PowerActivation
+from addersr.nn import Adder2d, AdderSRLayer, PowerActivation
 from addersr.data import imresize
 from addersr.data.patches import PatchBatches, augment, load_training_images, make_lr_images
 
@@ -273,6 +273,7 @@ def test_amp_runs_for_conv(data, tmp_path):
     ({"sets": "Missing"}, "training set 'Missing' not found"),
     ({"extra": ["--amp"]}, "--amp is only allowed with --op conv"),
     ({"extra": ["--patch", "0"]}, "--patch must be positive"),
+    ({"extra": ["--bn-init", "-0.1"]}, "--bn-init must be >= 0"),
     ({"extra": ["--resume"]}, "cannot resume"),
     ({"root": "nowhere"}, "does not exist"),
     ({"extra": ["--arch", "n_blocks=3"]}, "unknown argument(s) ['n_blocks']"),
@@ -389,19 +390,25 @@ def test_sgd_adam_moves_adder_weights_by_sgd_and_the_rest_by_adam(data, tmp_path
     assert moved_adder == len(adder) and moved_other >= 4
 
 
-@pytest.mark.parametrize("model, op, lr, optimizer, other_lr", [
-    ("vdsr", "conv", 1e-3, "adam", None),  # VDSR's CNN: Adam at 1e-3 (CNN_RECIPES)
-    ("edsr", "conv", 1e-4, "adam", None), ("edsr-baseline", "conv", 1e-4, "adam", None),
-    ("vdsr", "adder", 0.08, "sgd+adam", 1e-3),  # the rest at its CNN twin's rate
-    ("edsr", "adder", 0.08, "sgd+adam", train.OTHER_LR), ("edsr-baseline", "adder", 0.08, "sgd", None)])
-def test_default_recipe_of_each_backbone_and_op(model, op, lr, optimizer, other_lr):
-    cfg = config.resolve(train._options(train.parse_args(["--model", model, "--op", op])))
-    assert (cfg["lr"], cfg["optimizer"], cfg["other_lr"]) == (lr, optimizer, other_lr)
-    given = ["--model", model, "--op", op, "--lr", "5e-4", "--other-lr", "3e-4", "--optimizer", "sgd+adam"]
+@pytest.mark.parametrize("model, op, lr, optimizer, other_lr, bn_init", [
+    ("vdsr", "conv", 1e-3, "adam", None, None),  # VDSR's CNN: Adam at 1e-3 (CNN_RECIPES)
+    ("edsr", "conv", 1e-4, "adam", None, None), ("edsr-baseline", "conv", 1e-4, "adam", None, None),
+    ("vdsr", "adder", 0.08, "sgd+adam", 1e-3, 0.1),  # the rest at its CNN twin's rate
+    ("edsr", "adder", 0.08, "sgd+adam", train.OTHER_LR, 1.0), ("edsr-baseline", "adder", 0.08, "sgd", None, 1.0)])
+def test_default_recipe_of_each_backbone_and_op(model, op, lr, optimizer, other_lr, bn_init):
+    argv = ["--model", model, "--op", op, "--scale", "2"]
+    arch = ["--arch", "depth=4", "n_feats=8"] if model == "vdsr" else ["--arch", "n_blocks=1", "n_feats=8"]
+    cfg = config.resolve(train._options(train.parse_args(argv + arch)))
+    assert (cfg["lr"], cfg["optimizer"], cfg["other_lr"], cfg["bn_init"]) == (lr, optimizer, other_lr, bn_init)
+    net, _ = train._model(cfg, None, None)
+    gammas = {round(float(g), 6) for m in net.modules() if isinstance(m, AdderSRLayer) for g in m.bn.weight}
+    assert gammas == ({bn_init} if op == "adder" else set())  # a fresh model starts at --bn-init
+    given = argv + ["--lr", "5e-4", "--other-lr", "3e-4", "--optimizer", "sgd+adam", "--bn-init", "0.5"]
     if op == "adder":  # options given win over the backbone's defaults
-        assert config.resolve(train._options(train.parse_args(given)))["other_lr"] == 3e-4
+        cfg = config.resolve(train._options(train.parse_args(given)))
+        assert (cfg["other_lr"], cfg["bn_init"]) == (3e-4, 0.5)
     else:
-        assert config.resolve(train._options(train.parse_args(given[:6])))["lr"] == 5e-4
+        assert config.resolve(train._options(train.parse_args(given[:8])))["lr"] == 5e-4
 
 
 def test_sgd_adam_resumes_exactly_and_is_for_adder_models(data, tmp_path, capsys):

@@ -61,11 +61,14 @@ def build_optimizer(model, cfg):
 @torch.no_grad()
 def apply_adder_options(model, cfg, fresh):
     """Apply the adder options: BN momentum and whether the exponents learn always; the
-    initial scale of adder weights and the power exponents only to a ``fresh`` model."""
+    initial scale of adder weights, the power exponents and the gamma of the batch norm after
+    each adder op only to a ``fresh`` model."""
     if cfg["op"] != "adder":
         return
-    from ..nn import PowerActivation, adder_weights
+    from ..nn import AdderSRLayer, PowerActivation, adder_weights
     for m in model.modules():
+        if fresh and isinstance(m, AdderSRLayer):
+            m.bn.weight.fill_(cfg.get("bn_init", 1.0))
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = cfg["bn_momentum"]
         elif isinstance(m, PowerActivation):
