@@ -401,7 +401,7 @@ def test_default_recipe_of_each_backbone_and_op(model, op, lr, optimizer, other_
     cfg = config.resolve(train._options(train.parse_args(argv + arch)))
     assert (cfg["lr"], cfg["optimizer"], cfg["other_lr"], cfg["bn_init"]) == (lr, optimizer, other_lr, bn_init)
     net, _ = train._model(cfg, None, None)
-    gammas = {round(float(g), 6) for m in net.modules() if isinstance(m, AdderSRLayer) for g in m.bn.weight}
+    gammas = {round(float(g), 6) for m in net.modules() if isinstance(m, AdderSRLayer) for g in m.bn.weight.detach().tolist()}
     assert gammas == ({bn_init} if op == "adder" else set())  # a fresh model starts at --bn-init
     given = argv + ["--lr", "5e-4", "--other-lr", "3e-4", "--optimizer", "sgd+adam", "--bn-init", "0.5"]
     if op == "adder":  # options given win over the backbone's defaults
