@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # recipe (plain SGD at 0.08 for every parameter) and under its default recipe
 CASES = [
     ("vdsr 20x64 x2, SGD 0.08 for all (old default)",
-     "--model vdsr --scale 2 --batch 4 --optimizer sgd --lr 0.08"),
+     "--model vdsr --scale 2 --batch 4 --optimizer sgd --lr 0.08 --bn-init 1"),
     ("vdsr 20x64 x2, default recipe", "--model vdsr --scale 2 --batch 4"),
     ("edsr 32x256 x4, SGD 0.08 for all (old default)",
      "--model edsr --scale 4 --batch 2 --patch 12 --optimizer sgd --lr 0.08"),

@@ -29,7 +29,7 @@ def test_diverge_records_each_kind_of_parameter_and_stops_at_nan(tiny_data):
     assert set(records[0]["grad"]) == {"head", "adder", "bn", "power", "tail"}
     assert all(math.isfinite(v) and v > 0 for v in records[0]["grad"].values())
     assert records[0]["update"]["adder"] > 0 and records[0]["alpha_max"] > 0
-    deep = "--model vdsr --scale 2 --arch n_feats=8 --batch 4 --optimizer sgd --lr 0.08"  # the old recipe
+    deep = "--model vdsr --scale 2 --arch n_feats=8 --batch 4 --optimizer sgd --lr 0.08 --bn-init 1"  # the old recipe
     _, records = diverge.run_case(deep, tiny_data / "train", images, steps=12)
     assert not math.isfinite(records[-1]["loss"]) and len(records) < 12  # stopped at the first NaN
     assert "diverged at step" in diverge.report([("x", {"optimizer": "sgd", "lr": 1e6, "batch": 2, "patch": 21},
