@@ -2,8 +2,8 @@
 
 Recipes (DESIGN.md 2, EDSR-PyTorch defaults): L1 loss, Adam (0.9, 0.999, 1e-8), learning
 rate 1e-4 (VDSR's CNN: 1e-3, ``CNN_RECIPES``) halved every 200,000 iterations (EDSR's "200
-epochs" of 1,000 batches), 300,000 iterations, flips and quarter turns. The loss is taken on RGB for EDSR and on the Y channel
-(MATLAB rgb2ycbcr) for VDSR, which only predicts Y. ``edsr`` / ``edsr-baseline``: batch 16 of
+epochs" of 1,000 batches), 300,000 iterations, flips and quarter turns. The loss is taken on
+RGB for EDSR and on the Y channel (MATLAB rgb2ycbcr) for VDSR, which only predicts Y. ``edsr`` / ``edsr-baseline``: batch 16 of
 48x48 LR patches. ``vdsr``: batch 64 of 41x41 HR patches; the model takes the LR image and
 upsamples it internally, so its patches are ceil(41/scale) LR pixels (11 at x4: 44x44 HR).
 ``--scale 2 3 4`` (VDSR only, as its paper) trains one network on batches mixing the scales:

@@ -68,7 +68,7 @@ def apply_adder_options(model, cfg, fresh):
     from ..nn import AdderSRLayer, PowerActivation, adder_weights
     for m in model.modules():
         if fresh and isinstance(m, AdderSRLayer):
-            m.bn.weight.fill_(cfg.get("bn_init", 1.0))
+            m.bn.weight.fill_(cfg["bn_init"])
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = cfg["bn_momentum"]
         elif isinstance(m, PowerActivation):
