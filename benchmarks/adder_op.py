@@ -36,18 +36,50 @@ from torch.nn.grad import conv2d_input
 
 
 
+def measured_ghz():
+    """The clock this core runs at now, from a chain of dependent one-cycle integer ops
+    (add, then xor; the shift beside them is off the chain): under a hypervisor
+    /proc/cpuinfo gives the nominal clock, and turbo can be far above it (3.8 against
+    2.6 GHz on the 2-core Zen 5 EPYC). None without numba."""
+    try:
+        import numpy as np
+        from numba import njit
+    except ImportError:
+        return None
+
+    @njit(cache=False)
+    def chain(a, n):
+        x = np.int64(1)
+        for i in range(n):
+            x = (x + a[i & 7]) ^ (x >> 7)
+        return x
+
+    a, n = np.arange(8, dtype=np.int64), 50_000_000
+    chain(a, 10)
+    best = min(_seconds(lambda: chain(a, n)) for _ in range(3))
+    return 2 * n / best / 1e9
+
+
+def _seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def cpu_limit():
     """This CPU's fp32 limit in adder ops/s, and how it was computed.
 
     2 vector add pipes x fp32 lanes x clock x cores / 2 adds per adder op (DESIGN.md 1).
-    Lanes: 16 where Intel CPUs have AVX-512 (512-bit adds on ports 0 and 5 of Sapphire /
-    Emerald Rapids), 8 with AVX2 (also AMD Zen 4, whose AVX-512 splits into 256-bit
-    halves), else 4. Clock: /proc/cpuinfo's "cpu MHz" (under a hypervisor the nominal
-    clock; turbo is not counted). Cores: the CPUs this process may use. The kernels need
-    3 vector instructions per adder op on those pipes (forward: sub, and, add; input
-    gradient: max, min, fma), so 2/3 of this limit is their instruction floor.
+    Lanes: 16 where the CPU adds 512-bit vectors at full rate: Intel CPUs with AVX-512
+    (ports 0 and 5 of Sapphire / Emerald Rapids) and AMD Zen 5 server and desktop parts
+    (family 26, models 0x00-0x1f and 0x40-0x4f); 8 with AVX2 (also Zen 4 and mobile
+    Zen 5, whose AVX-512 splits into 256-bit halves), else 4. Clock: the measured one
+    (:func:`measured_ghz`, turbo included), else /proc/cpuinfo's "cpu MHz" (under a
+    hypervisor the nominal clock). Cores: the CPUs this process may use. The forward
+    kernel's subtraction takes an add pipe and its accumulation an FMA pipe; the input
+    gradient's max and min share the add pipes (its fma runs beside them).
     """
-    flags, mhz, vendor = set(), 0.0, ""
+    flags, mhz, vendor, family, model = set(), 0.0, "", 0, 0
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -59,17 +91,25 @@ def cpu_limit():
                     mhz = float(value)
                 elif key == "vendor_id" and not vendor:
                     vendor = value.strip()
+                elif key == "cpu family" and not family:
+                    family = int(value)
+                elif key == "model" and not model:
+                    model = int(value)
     except OSError:
         pass
-    lanes = 16 if "avx512f" in flags and vendor == "GenuineIntel" else 8 if "avx2" in flags else 4
+    full_512 = vendor == "GenuineIntel" or (vendor == "AuthenticAMD" and family == 26
+                                            and (model < 0x20 or 0x40 <= model < 0x50))
+    lanes = 16 if "avx512f" in flags and full_512 else 8 if "avx2" in flags else 4
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ghz = (mhz or 2000.0) / 1e3
+    measured = measured_ghz()
+    ghz = measured or (mhz or 2000.0) / 1e3
+    clock = f"{ghz:.2f} GHz measured" + (f" (nominal {mhz / 1e3:.2f})" if mhz else "") if measured \
+        else f"{ghz:.2f} GHz nominal"
     limit = 2 * lanes * ghz * 1e9 * cores / 2
-    how = f"2 add pipes x {lanes} fp32 lanes x {ghz:.2f} GHz x {cores} cores / 2 adds per op"
+    how = f"2 add pipes x {lanes} fp32 lanes x {clock} x {cores} cores / 2 adds per op"
     return limit, how
 
 
-CPU_LIMIT, CPU_LIMIT_HOW = cpu_limit()  # this machine: 73.6 G op/s (Xeon EMR, AVX-512, 2.3 GHz, 2 cores)
 GPU_LIMIT = 16.7e12  # DESIGN.md 1: H100 fp32 67 TFLOP/s / 2 adds per op
 DEFAULT_SHAPES = {"cpu": ["1x64x96x96:64", "16x64x48x48:64", "1x256x48x48:256"],
                   "cuda": ["16x64x48x48:64", "16x256x48x48:256", "64x64x41x41:64"]}
@@ -248,8 +288,8 @@ def worker(spec):
     wt = torch.randn(o, c, K, K, generator=gen).to(device)
     g = torch.randn(n, o, *_out_hw(x), generator=gen).to(device)
     meter = Meter(device)
-    result = {}
-    for name, fn in zip(PASSES, make_method(method, x, wt, g)):
+    result, fns = {}, dict(zip(PASSES, make_method(method, x, wt, g)))
+    for name, fn in fns.items():
         meter.time(fn)  # warm-up (and compilation)
         times, start = [], time.perf_counter()
         while len(times) < repeat or (method not in SLOW and time.perf_counter() - start < spec["min_seconds"]
@@ -257,7 +297,9 @@ def worker(spec):
             times.append(meter.time(fn))
             if method in SLOW and time.perf_counter() - start > 10:
                 break
-        result[name] = {"seconds": min(times), "runs": len(times), "peak_bytes": meter.peak(fn)}
+        result[name] = {"seconds": min(times), "runs": len(times)}
+    for name, fn in fns.items():  # after every timing: measuring the peak changes how glibc allocates
+        result[name]["peak_bytes"] = meter.peak(fn)
     return result
 
 
@@ -293,9 +335,7 @@ def machine(device):
     return lines
 
 
-def report(device, shapes, results, repeat, min_seconds):
-    limit = GPU_LIMIT if device == "cuda" else CPU_LIMIT
-    how = "DESIGN.md 1" if device == "cuda" else CPU_LIMIT_HOW + "; the kernels' instruction floor is 2/3 of it"
+def report(device, shapes, results, repeat, min_seconds, limit, how):
     unit = "T" if device == "cuda" else "G"
     scale = 1e12 if device == "cuda" else 1e9
     out = [f"# Adder operator throughput ({device})", "", *machine(device), "",
@@ -352,6 +392,7 @@ def main(argv=None):
     methods = args.methods or methods_for(args.device)
     out = args.out or Path(__file__).parent / "results" / f"adder_op_{args.device}.md"
     sanity_check(args.device)
+    limit, how = (GPU_LIMIT, "DESIGN.md 1") if args.device == "cuda" else cpu_limit()  # before the load
     results = {}
     for shape in shapes:
         results[shape] = {}
@@ -366,7 +407,7 @@ def main(argv=None):
             else:
                 results[shape][method] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{'x'.join(map(str, shape[:4]))}:{shape[4]} {method}: {results[shape][method]}", flush=True)
-    text = report(args.device, shapes, results, args.repeat, args.min_seconds)
+    text = report(args.device, shapes, results, args.repeat, args.min_seconds, limit, how)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
