@@ -2,7 +2,7 @@
 
 ``NAME.int8.json`` beside ``NAME.safetensors`` holds, for every adder layer, the input
 range measured on a handful of training images (never a benchmark set), widened by a
-margin; the layer's scale and zero point follow from it (:func:`addersr.nn.quantized.qparams`),
+margin (multi-scale weights: one set of ranges per trained scale, and their union); the layer's scale and zero point follow from it (:func:`addersr.nn.quantized.qparams`),
 so loading is instant and deterministic. The file records the SHA-256 of the weights it
 was calibrated for and is refused for any other weights.
 
@@ -25,9 +25,9 @@ from .files import atomic_write
 from .nn import AdderSRLayer
 from .nn.quantized import quantized_class
 
-__all__ = ["CALIBRATION_SET", "SUFFIX", "calibrate", "calibration_images", "calibration_path",
-           "calibrated_scales", "load_int8", "main", "quantize", "save_calibration",
-           "served_scales"]
+__all__ = ["CALIBRATION_SET", "SUFFIX", "calibrate", "calibrate_by_scale", "calibration_images",
+           "calibration_path", "calibrated_scales", "load_int8", "main", "quantize",
+           "save_calibration", "served_scales"]
 
 SUFFIX = ".int8.json"
 FORMAT = "addersr-int8"
@@ -64,23 +64,26 @@ def calibration_images(data_root=None, count=IMAGES):
 
 
 @torch.no_grad()
-def calibrate(model, images, margin=MARGIN):
-    """``{layer name: [lo, hi]}``: the input range of every adder layer of the fp32 ``model``
-    over the HR uint8 ``images`` shrunk by each scale the model serves (multi-scale VDSR
-    weights: every trained scale, see :func:`served_scales`), widened by ``margin``."""
+def calibrate_by_scale(model, images, margin=MARGIN):
+    """``{scale: {layer name: [lo, hi]}}``: the input range of every adder layer of the fp32
+    ``model`` over the HR uint8 ``images`` shrunk by each scale the model serves (multi-scale
+    VDSR weights: every trained scale, see :func:`served_scales`), widened by ``margin``.
+    VDSR's inner layers see half the range at x4 that they see at x2 (its input is a blurrier
+    enlargement), so each scale keeps its own ranges."""
     from .data.patches import make_lr_images
     if not images:
         raise ValueError("calibration needs at least one image")
-    ranges = {}
-
-    def hook(name):
-        def record(module, inputs):
-            x = inputs[0]
-            lo, hi = ranges.get(name, (np.inf, -np.inf))
-            ranges[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
-        return record
-
+    out = {}
     for scale in served_scales(model):
+        ranges = {}
+
+        def hook(name):
+            def record(module, inputs):
+                x = inputs[0]
+                lo, hi = ranges.get(name, (np.inf, -np.inf))
+                ranges[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
+            return record
+
         net = model if scale == model.scale else model.at_scale(scale)
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in net.named_modules()
                    if isinstance(m, AdderSRLayer)]
@@ -91,11 +94,26 @@ def calibrate(model, images, margin=MARGIN):
         finally:
             for h in handles:
                 h.remove()
+        out[scale] = {}
+        for name, (lo, hi) in ranges.items():
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            pad = margin * (hi - lo)
+            out[scale][name] = [lo - pad if lo < 0 else 0.0, hi + pad]
+    return out
+
+
+def calibrate(model, images, margin=MARGIN):
+    """``{layer name: [lo, hi]}``: the union over the served scales of
+    :func:`calibrate_by_scale`'s ranges (one set of ranges valid at every scale)."""
+    return _union(calibrate_by_scale(model, images, margin).values())
+
+
+def _union(range_sets):
     out = {}
-    for name, (lo, hi) in ranges.items():
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-        pad = margin * (hi - lo)
-        out[name] = [lo - pad if lo < 0 else 0.0, hi + pad]
+    for ranges in range_sets:
+        for name, (lo, hi) in ranges.items():
+            old = out.get(name, (lo, hi))
+            out[name] = [min(old[0], lo), max(old[1], hi)]
     return out
 
 
@@ -113,16 +131,23 @@ def quantize(model, ranges, bits=8):
     return quantized_class(model)(model, ranges, bits)
 
 
-def save_calibration(stem, ranges, images, margin=MARGIN, bits=8, scales=None):
+def save_calibration(stem, ranges, images, margin=MARGIN, bits=8, scales=None, by_scale=None):
     """Write ``NAME.int8.json`` for the weights ``stem`` (atomically), valid at ``scales``
-    (None: the weights' recorded scale); returns its path."""
+    (None: the weights' recorded scale); ``by_scale`` (``{scale: ranges}``, optional) is used
+    at each of its scales instead of ``ranges``. Returns the path."""
     stem = Path(stem)
+
+    def floats(r):
+        return {k: [float(v) for v in lohi] for k, lohi in r.items()}
+
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "bits": bits,
             "weights_sha256": _sha256(stem.with_name(stem.name + ".safetensors")),
             "calibration": {"set": CALIBRATION_SET, "images": list(images), "margin": margin},
-            "ranges": {k: [float(v) for v in r] for k, r in ranges.items()}}
+            "ranges": floats(ranges)}
     if scales is not None:
         info["scales"] = [int(x) for x in scales]
+    if by_scale:
+        info["ranges_by_scale"] = {str(int(k)): floats(r) for k, r in by_scale.items()}
     path = calibration_path(stem)
     atomic_write(path, lambda f: f.write(json.dumps(info, indent=2) + "\n"), mode="w")
     return path
@@ -182,7 +207,11 @@ def load_int8(path_or_name, device="cpu", backend=None, scale=None):
                              f"(its calibration), not x{scale}{fix}")
         model = model.at_scale(scale)  # multi-scale VDSR: the same layers, another enlargement
     try:
-        qmodel = quantize(model, info["ranges"], int(info.get("bits", 8)))
+        by_scale = info.get("ranges_by_scale", {})
+        if not isinstance(by_scale, dict):
+            raise ValueError(f"\"ranges_by_scale\" must map scales to ranges, got {type(by_scale).__name__}")
+        ranges = by_scale.get(str(model.scale), info["ranges"])  # files before per-scale ranges: the union
+        qmodel = quantize(model, ranges, int(info.get("bits", 8)))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{calibration_path(stem)}: {e}") from None
     qmodel.calibration, qmodel.int8_scales = info["calibration"], covered
@@ -206,9 +235,10 @@ def main(argv=None):
             if model.op != "adder":
                 raise ValueError(f"{source} is a CNN: only adder models are calibrated")
             stem = _resolve(source)[0]
-            ranges = calibrate(model, images, args.margin)
-            scales = served_scales(model)
-            path = save_calibration(stem, ranges, names, args.margin, scales=scales)
+            by_scale = calibrate_by_scale(model, images, args.margin)
+            ranges, scales = _union(by_scale.values()), served_scales(model)
+            path = save_calibration(stem, ranges, names, args.margin, scales=scales,
+                                    by_scale=by_scale if len(by_scale) > 1 else None)
             print(f"{path}: {len(ranges)} layers from {len(names)} {CALIBRATION_SET} images "
                   f"at {', '.join(f'x{x}' for x in scales)}")
     except (FileNotFoundError, ValueError) as e:

@@ -294,24 +294,35 @@ def _calibrated_ms(tmp_path, seed=0):
     return quant
 
 
+def _flat(ranges):
+    """{(layer, 0): lo, (layer, 1): hi}: calibration ranges in a form pytest.approx compares."""
+    return {(name, i): v for name, lohi in ranges.items() for i, v in enumerate(lohi)}
+
+
 def test_int8_calibration_covers_every_trained_scale(tmp_path, capsys):
     """``python -m addersr.quant`` on multi-scale weights measures each layer's range at every
-    trained scale (their union) and records the scales: int8 then serves each of them, close
-    to fp32, in load, the bench and the demo service."""
+    trained scale, records those ranges, their union and the scales: int8 then serves each
+    scale with its own ranges, close to fp32, in load, the bench and the demo service."""
+    from addersr.nn.quantized import qparams
     quant = _calibrated_ms(tmp_path)
     assert "at x2, x3, x4" in capsys.readouterr().out
     info = json.loads((tmp_path / "ms.int8.json").read_text())
-    assert info["scales"] == SCALES
+    assert info["scales"] == SCALES and sorted(info["ranges_by_scale"]) == [str(s) for s in SCALES]
     fp32 = models.load(tmp_path / "ms")
+    fp32.meta = None  # served_scales: the model's own scale, so at_scale(s) calibrates s alone
     images, _ = quant.calibration_images(tmp_path / "data")
-    for s in SCALES:  # the union holds each scale's own range
+    for s in SCALES:  # each scale's own ranges, and the union holds them
         alone = quant.calibrate(fp32.at_scale(s), images)
+        assert _flat(alone) == pytest.approx(_flat(info["ranges_by_scale"][str(s)]))
         for name, (lo, hi) in alone.items():
             assert info["ranges"][name][0] <= lo + 1e-6 and hi <= info["ranges"][name][1] + 1e-6
+    assert _flat(info["ranges"]) == pytest.approx(_flat(quant._union(info["ranges_by_scale"].values())))
     x = torch.from_numpy(images[0][:20, :22].copy()).permute(2, 0, 1)[None].float() / 255
     for s in SCALES:
         q = models.load(tmp_path / "ms", precision="int8", scale=s)
         assert q.scale == s and q.int8_scales == SCALES
+        own = info["ranges_by_scale"][str(s)]
+        assert [layer.scale for layer in q.layers] == [qparams(*own[n])[0] for n in own]
         want = models.load(tmp_path / "ms", scale=s)(x)
         got = q(x)
         assert got.shape == want.shape == (1, 3, 20 * s, 22 * s)
