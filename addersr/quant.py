@@ -2,8 +2,8 @@
 
 ``NAME.int8.json`` beside ``NAME.safetensors`` holds, for every adder layer, the input
 range measured on a handful of training images (never a benchmark set), widened by a
-margin (multi-scale weights: one set of ranges per trained scale, and their union); the layer's scale and zero point follow from it (:func:`addersr.nn.quantized.qparams`),
-so loading is instant and deterministic. The file records the SHA-256 of the weights it
+margin (multi-scale weights: one set of ranges per trained scale, and their union); the
+layer's scale and zero point follow from it (:func:`addersr.nn.quantized.qparams`), so loading is instant and deterministic. The file records the SHA-256 of the weights it
 was calibrated for and is refused for any other weights.
 
 ``python -m addersr.quant weights/NAME [...] [--data-root DIR]`` (re)calibrates from
@@ -68,7 +68,7 @@ def calibrate_by_scale(model, images, margin=MARGIN):
     """``{scale: {layer name: [lo, hi]}}``: the input range of every adder layer of the fp32
     ``model`` over the HR uint8 ``images`` shrunk by each scale the model serves (multi-scale
     VDSR weights: every trained scale, see :func:`served_scales`), widened by ``margin``.
-    VDSR's inner layers see half the range at x4 that they see at x2 (its input is a blurrier
+    VDSR's inner layers see 40-65% of their x2 range at x4 (its input is a blurrier
     enlargement), so each scale keeps its own ranges."""
     from .data.patches import make_lr_images
     if not images:

@@ -39,7 +39,7 @@ from torch.nn.grad import conv2d_input
 def measured_ghz():
     """The clock this core runs at now, from a chain of dependent one-cycle integer ops
     (add, then xor; the shift beside them is off the chain): under a hypervisor
-    /proc/cpuinfo gives the nominal clock, and turbo can be far above it (3.8 against
+    /proc/cpuinfo gives the nominal clock, and turbo can be far above it (3.9-4.0 against
     2.6 GHz on the 2-core Zen 5 EPYC). None without numba."""
     try:
         import numpy as np
@@ -75,9 +75,9 @@ def cpu_limit():
     (family 26, models 0x00-0x1f and 0x40-0x4f); 8 with AVX2 (also Zen 4 and mobile
     Zen 5, whose AVX-512 splits into 256-bit halves), else 4. Clock: the measured one
     (:func:`measured_ghz`, turbo included), else /proc/cpuinfo's "cpu MHz" (under a
-    hypervisor the nominal clock). Cores: the CPUs this process may use. The forward
-    kernel's subtraction takes an add pipe and its accumulation an FMA pipe; the input
-    gradient's max and min share the add pipes (its fma runs beside them).
+    hypervisor the nominal clock). Cores: the CPUs this process may use. Per adder op the
+    forward kernel issues sub, and, fma (the fma adds |d| * 1 on the FMA pipes), the input
+    gradient max, min, fma.
     """
     flags, mhz, vendor, family, model = set(), 0.0, "", 0, 0
     try:

@@ -239,7 +239,8 @@ def psnr_main(args, machine, argv):
               f"{r['int8_psnr']:.3f}/{r['int8_ssim']:.4f} | {r['int8_psnr'] - r['fp32_psnr']:+.4f} |" for r in rows]
     md = (f"# 8-bit adder models against fp32: PSNR/SSIM (Y channel, bench protocol)\n\n"
           f"`python benchmarks/int8.py {' '.join(argv or sys.argv[1:])}` on {machine} (the rows of other "
-          f"weights are merged from earlier runs, on the machines this file's history names); int8 calibrated on 8 T91 images (weights/NAME.int8.json). Last run "
+          f"weights are merged from earlier runs, on the machines this file's history names); "
+          f"int8 calibrated on 8 T91 images (weights/NAME.int8.json). Last run "
           f"{time.time() - t0:.0f} s.\n\n" + "\n".join(lines) + "\n")
     _write(stem, md, {"machine": machine, "rows": rows})
     print(md)

@@ -145,6 +145,12 @@ def test_load_refuses_cleanly(tmp_path):
         models.load(stem, precision="int8")
     assert "\n" not in str(err.value)
     shutil.copy(models.weights_dir() / (SHIPPED[0] + quant.SUFFIX), tmp_path / (stem.name + quant.SUFFIX))
+    info = json.loads(quant.calibration_path(stem).read_text())
+    quant.calibration_path(stem).write_text(json.dumps({**info, "ranges_by_scale": []}))
+    with pytest.raises(ValueError, match=r"int8\.json: \"ranges_by_scale\" must map scales to ranges") as err:
+        models.load(stem, precision="int8")
+    assert "\n" not in str(err.value)
+    quant.calibration_path(stem).write_text(json.dumps(info))
     changed = models.load(stem)
     changed.body[0].body[0].adder.weight.data += 1e-3
     models.save(changed, stem)

@@ -13,8 +13,8 @@ gradient stacked, and the weights).
 * ``grad_input``: every input pixel gathers its own gradient from the output pixels that
   see it (no scatter, no races), as ``sum g * clamp(W, x - 1, x + 1) - x * sum g``: three
   instructions per adder op (max, min, fma) instead of four. The output gradient is
-  transposed to channels-last and stacked in one pass so that for each input row the kernel rows that read it sit side by side
-  (``_stack_rows_kernel``, zeros off the image), and the weight taps of each stride phase
+  transposed to channels-last and stacked in one pass, so that for each input row the
+  kernel rows that read it sit side by side (``_stack_rows_kernel``, zeros off the image), and the weight taps of each stride phase
   are stored newest output column first: all taps of a pixel are then one contiguous run
   of (columns x rows x O) values, one vectorised loop with one horizontal sum at its end.
   Register block: 2 input columns with the same taps x 4 input channels. Threads share
@@ -60,7 +60,8 @@ def _forward_kernel(xp, w, y, stride_h, stride_w, unit):
     ``unit``: a one-element array holding 1. Each accumulation is ``acc + |d| * 1``, which
     LLVM, not knowing the 1 when it compiles, emits as an FMA: the same exactly rounded sum
     as an add (|d| * 1 is exact), issued on the FMA pipes, so the subtraction and the
-    accumulation no longer queue for the same two add pipes (8-13% faster on a Zen 5).
+    accumulation no longer queue for the same add pipes (+18% at 64 channels, +5% at 32 on
+    a Zen 5: ``benchmarks/adder_op.py``, 1 thread).
     """
     n_batch, hp, wp, channels = xp.shape
     n_out, kh, kw, _ = w.shape
