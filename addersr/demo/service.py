@@ -8,6 +8,7 @@ import tempfile
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,15 +209,20 @@ class Upscaler:
         sr, seconds = run(request.name, "Upscaling tiles", request.precision)
         folder, stem = self._result_dir(), f"{request.path.stem}_x{request.scale}"
         suffix = "-int8" if request.precision == INT8 else ""
-        output = save_png(sr, folder / f"{stem}_{request.name}{suffix}.png", FAST_PNG)
         twin = twin_seconds = None
-        if request.compare == TWIN:
-            twin = self.catalogue.twin(request.name)
-            op = OP_NAMES[self.catalogue.weights[twin]["op"]]
-            twin_sr, twin_seconds = run(twin, f"{op} twin: upscaling tiles")
-            other = save_png(twin_sr, folder / f"{stem}_{twin}.png", FAST_PNG)
-        else:
-            other = save_png(bicubic(lr, request.scale), folder / f"{stem}_bicubic.png", FAST_PNG)
+        # the result's PNG is encoded beside the comparison (Pillow lets go of the GIL)
+        with ThreadPoolExecutor(1) as pool:
+            output = pool.submit(save_png, sr, folder / f"{stem}_{request.name}{suffix}.png",
+                                 FAST_PNG)
+            if request.compare == TWIN:
+                twin = self.catalogue.twin(request.name)
+                op = OP_NAMES[self.catalogue.weights[twin]["op"]]
+                twin_sr, twin_seconds = run(twin, f"{op} twin: upscaling tiles")
+                other = save_png(twin_sr, folder / f"{stem}_{twin}.png", FAST_PNG)
+            else:
+                other = save_png(bicubic(lr, request.scale), folder / f"{stem}_bicubic.png",
+                                 FAST_PNG)
+            output = output.result()
         out_w, out_h = _size(sr)
         ops, twin_ops, twin_op = self.counts(request.name, (out_h, out_w), request.scale,
                                              request.precision)
