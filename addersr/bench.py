@@ -27,6 +27,7 @@ from .data import dataset_root, find_datasets, list_images
 from .data.datasets import BENCHMARK_SETS
 from .eval import evaluate, load_images, unscorable
 from .files import OutputError, atomic_write, prepare_output_dir
+from .memory import keep_freed_memory
 from .inference import check_tile
 from . import signals
 
@@ -372,4 +373,5 @@ def _report(args, argv, dev, root, started, names, results, incomplete, skipped,
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # many large passes: keep their memory instead of faulting it in again
     main()

@@ -25,6 +25,7 @@ from .device import DeviceError, resolve
 from .files import OutputError, prepare_output_dir, reason
 from .images import ImageError, ImageTooLarge, check_size, load_image, save_png
 from .inference import MIN_TILE, check_tile, upscale
+from .memory import keep_freed_memory
 
 __all__ = ["DEFAULT_MAX_PIXELS", "main", "output_name", "upscale"]
 
@@ -226,4 +227,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # many large passes: keep their memory instead of faulting it in again
     sys.exit(main())

@@ -66,20 +66,12 @@ def _seconds(fn):
     return time.perf_counter() - start
 
 
-def cpu_limit():
-    """This CPU's fp32 limit in adder ops/s, and how it was computed.
-
-    2 vector add pipes x fp32 lanes x clock x cores / 2 adds per adder op (DESIGN.md 1).
-    Lanes: 16 where the CPU adds 512-bit vectors at full rate: Intel CPUs with AVX-512
-    (ports 0 and 5 of Sapphire / Emerald Rapids) and AMD Zen 5 server and desktop parts
-    (family 26, models 0x00-0x1f and 0x40-0x4f); 8 with AVX2 (also Zen 4 and mobile
-    Zen 5, whose AVX-512 splits into 256-bit halves), else 4. Clock: the measured one
-    (:func:`measured_ghz`, turbo included), else /proc/cpuinfo's "cpu MHz" (under a
-    hypervisor the nominal clock). Cores: the CPUs this process may use. Per adder op the
-    forward kernel issues sub, and, fma (the fma adds |d| * 1 on the FMA pipes), the input
-    gradient max, min, fma.
-    """
-    flags, mhz, vendor, family, model = set(), 0.0, "", 0, 0
+def fp32_lanes():
+    """fp32 lanes per vector add at full rate: 16 where the CPU adds 512-bit vectors at full
+    rate (Intel CPUs with AVX-512: ports 0 and 5 of Sapphire / Emerald Rapids; AMD Zen 5
+    server and desktop parts, family 26, models 0x00-0x1f and 0x40-0x4f), 8 with AVX2 (also
+    Zen 4 and mobile Zen 5, whose AVX-512 splits into 256-bit halves), else 4."""
+    flags, vendor, family, model = set(), "", 0, 0
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -87,8 +79,6 @@ def cpu_limit():
                 key = key.strip()
                 if key == "flags" and not flags:
                     flags = set(value.split())
-                elif key == "cpu MHz" and not mhz:
-                    mhz = float(value)
                 elif key == "vendor_id" and not vendor:
                     vendor = value.strip()
                 elif key == "cpu family" and not family:
@@ -99,12 +89,36 @@ def cpu_limit():
         pass
     full_512 = vendor == "GenuineIntel" or (vendor == "AuthenticAMD" and family == 26
                                             and (model < 0x20 or 0x40 <= model < 0x50))
-    lanes = 16 if "avx512f" in flags and full_512 else 8 if "avx2" in flags else 4
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 16 if "avx512f" in flags and full_512 else 8 if "avx2" in flags else 4
+
+
+def clock_ghz():
+    """(GHz, how): :func:`measured_ghz`, else /proc/cpuinfo's "cpu MHz" (under a hypervisor
+    the nominal clock), else 2.0."""
+    mhz = 0.0
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = next((float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")), 0.0)
+    except OSError:
+        pass
     measured = measured_ghz()
     ghz = measured or (mhz or 2000.0) / 1e3
-    clock = f"{ghz:.2f} GHz measured" + (f" (nominal {mhz / 1e3:.2f})" if mhz else "") if measured \
+    how = f"{ghz:.2f} GHz measured" + (f" (nominal {mhz / 1e3:.2f})" if mhz else "") if measured \
         else f"{ghz:.2f} GHz nominal"
+    return ghz, how
+
+
+def cpu_limit():
+    """This CPU's fp32 limit in adder ops/s, and how it was computed.
+
+    2 vector add pipes x fp32 lanes (:func:`fp32_lanes`) x clock (:func:`clock_ghz`, turbo
+    included) x cores / 2 adds per adder op (DESIGN.md 1). Cores: the CPUs this process
+    may use. Per adder op the forward kernel issues sub, and, fma (the fma adds |d| * 1 on
+    the FMA pipes), the input gradient max, min, fma.
+    """
+    lanes = fp32_lanes()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ghz, clock = clock_ghz()
     limit = 2 * lanes * ghz * 1e9 * cores / 2
     how = f"2 add pipes x {lanes} fp32 lanes x {clock} x {cores} cores / 2 adds per op"
     return limit, how

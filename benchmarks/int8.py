@@ -12,16 +12,19 @@ G MAC/s. Whole models on square RGB inputs: the int8 adder model (``precision="i
 the fp32 adder model, its fp32 CNN twin and that twin quantised by PyTorch's post-training
 static quantisation (FX graph mode, x86 backend, calibrated on the same T91 images as the
 adder model; MeanShift stays fp32), with their Set5 PSNR. Every measurement is the median
-of ``--repeat`` runs, the methods interleaved so that load changes hit them alike; the
+of ``--repeat`` runs (layers: ``--layer-repeat``, as sub-millisecond calls are noisier),
+the methods interleaved so that load changes hit them alike; the
 load average is recorded before and after. Other processes on a shared machine make the
 figures noisy: rerun on a quiet one.
 """
 
 import os
 
-# Two OpenMP runtimes (numba's and torch's) spin-waiting for each other halve 2-thread
-# figures: make idle threads sleep. Must be set before numba and torch are imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Two OpenMP runtimes (numba's and torch's): idle threads spin briefly, then sleep. Long
+# spins steal the other runtime's cores; no spin (OMP_WAIT_POLICY=PASSIVE) makes every
+# call wake a halted vCPU first (sub-millisecond kernels 1.5-2x slower and noisy on the
+# 2-core Zen 5 VM). Must be set before numba and torch are imported.
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 os.environ.setdefault("KMP_BLOCKTIME", "0")
 os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
 
@@ -41,15 +44,28 @@ from addersr import models, quant  # noqa: E402
 from addersr.device import hardware  # noqa: E402
 from addersr.eval import evaluate  # noqa: E402
 from addersr.files import atomic_write  # noqa: E402
+from addersr.memory import keep_freed_memory  # noqa: E402
 from addersr.ops import adder2d, sad  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adder_op import clock_ghz, fp32_lanes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LAYERS = [(32, 128), (64, 96)]
-# Ops per cycle per core at the ports' limit (Intel Sapphire/Emerald Rapids; Zen 4 halves the
-# 512-bit rates): vpsadbw 1/cycle (32 bytes, 64 with zmm); fp32 adder op = 2 adds on
-# 2 x 16 lanes; conv2d = 2 FMA x 16 lanes. Turbo clocks are unknown: the nominal MHz is used.
-PER_CYCLE = {"avx512": 64, "vpsadbw": 32, "portable": 32, "adder": 16, "conv2d": 32}
+
+
+def per_cycle():
+    """Ops (conv2d: MACs) per core and cycle at the ports' limit, by method: vpsadbw 2 per
+    cycle (the 2-core Zen 5 EPYC issued 2.00 zmm per cycle, independent accumulators in
+    registers), of 64 bytes where 512-bit vectors run at full rate (``fp32_lanes``), else
+    of 32; an fp32 adder op is 2 adds on 2 pipes of fp32 lanes; conv2d 2 FMA pipes."""
+    lanes = fp32_lanes()
+    return {"avx512": 128 if lanes == 16 else 64, "vpsadbw": 64, "portable": 64,
+            "adder": lanes, "conv2d": 2 * lanes}
+
+
+PER_CYCLE = per_cycle()
 
 
 def _cpu():
@@ -74,21 +90,13 @@ def _interleaved(fns, repeat):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _mhz():
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("cpu MHz"):
-            return float(line.split(":")[1])
-    return None
-
-
-def _limit(method, threads):
-    """G ops/s at the port limit for ``method`` (None when the clock is unknown)."""
-    mhz = _mhz()
+def _limit(method, threads, ghz):
+    """G ops/s at the port limit for ``method`` (None for methods without one)."""
     key = next((k for k in PER_CYCLE if k in method), None)
-    return None if mhz is None or key is None else PER_CYCLE[key] * mhz / 1e3 * threads
+    return None if key is None else PER_CYCLE[key] * ghz * threads
 
 
-def layer_rows(repeat, threads):
+def layer_rows(repeat, threads, ghz):
     rng = np.random.default_rng(0)
     rows = []
     for c, hw in LAYERS:
@@ -111,7 +119,7 @@ def layer_rows(repeat, threads):
         base = med["fp32 adder kernel (adder2d cpu)"]
         conv = med["F.conv2d fp32 NCHW (MAC/s)"]
         for k, t in med.items():
-            limit = _limit(k, threads)
+            limit = _limit(k, threads, ghz)
             rows.append({"layer": f"1x{c}x{hw}x{hw}", "method": k, "ms": t * 1e3, "gops": ops / t / 1e9,
                          "limit_gops": limit, "vs_fp32_adder": base / t, "vs_conv2d": conv / t})
     return rows
@@ -255,7 +263,8 @@ def _write(stem, md, data):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2, help="torch and numba threads (default 2)")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=5, help="runs per model (default 5)")
+    p.add_argument("--layer-repeat", type=int, default=15, help="runs per layer (default 15)")
     p.add_argument("--scales", type=int, nargs="+", default=[2, 4])
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 512])
     p.add_argument("--no-layers", action="store_true")
@@ -275,26 +284,30 @@ def main(argv=None):
         psnr_main(args, machine, argv)
         return
     load0 = os.getloadavg()
-    layers = [] if args.no_layers else layer_rows(args.repeat, args.threads)
+    ghz, clock = clock_ghz()
+    layers = [] if args.no_layers else layer_rows(args.layer_repeat, args.threads, ghz)
     set5 = None if args.no_set5 else ROOT / "addersr" / "assets" / "Set5"
     nets = [] if args.no_models else model_rows(args.scales, args.sizes, args.repeat, set5)
     load1 = os.getloadavg()
     head = (f"# 8-bit adder inference on the CPU\n\n`python benchmarks/int8.py {' '.join(argv or sys.argv[1:])}`"
             f"\n\nMachine: {machine}; {args.threads} threads (torch and numba {numba.threading_layer()}, "
-            f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); torch {torch.__version__}, numba "
-            f"{numba.__version__}. Medians of {args.repeat} interleaved runs. Load average (1 min) "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}, GOMP_SPINCOUNT="
+            f"{os.environ.get('GOMP_SPINCOUNT', '-')}); torch {torch.__version__}, numba "
+            f"{numba.__version__}. Medians of {args.repeat} interleaved runs "
+            f"({args.layer_repeat} for layers). Load average (1 min) "
             f"{load0[0]:.1f} before, {load1[0]:.1f} after, on {os.cpu_count()} cores"
             + (": the machine was shared, figures are noisy." if max(load0[0], load1[0]) > 0.5 else ".") + "\n")
     md = head
     if layers:
         md += (f"\n## Layers (3x3, padding 1, C -> C)\n\nPort limits per core and cycle: {PER_CYCLE} "
-               f"(nominal {_mhz()} MHz; turbo would raise them).\n\n{_md_layers(layers)}\n")
+               f"at {clock} (benchmarks/int8.py, per_cycle).\n\n{_md_layers(layers)}\n")
     if nets:
         md += f"\n## Whole models (weights/edsr-small-xN-*-cpu)\n\n{_md_models(nets)}\n"
-    _write(args.out, md, {"machine": machine, "threads": args.threads, "repeat": args.repeat,
+    _write(args.out, md, {"machine": machine, "threads": args.threads, "repeat": args.repeat, "layer_repeat": args.layer_repeat,
                             "load_before": load0, "load_after": load1, "layers": layers, "models": nets})
     print(md)
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # many large passes: keep their memory instead of faulting it in again
     main()

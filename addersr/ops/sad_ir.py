@@ -18,9 +18,12 @@ Intrinsic signature: ``(x, xoffs, w, fidx, out, ooffs, rowstride, kh, seg)`` wit
 ``w`` flat uint8 arrays, ``xoffs`` (P,) the byte offset of each pixel's patch (kernel row
 0), ``fidx`` (F,) filter indices (filter f starts at ``f * kh * seg`` in ``w``), and
 ``out`` a flat int32 array receiving pixel p, filter f at ``ooffs[p] + fidx[f]``.
-Also ``f32_bits`` / ``bits_f32``: bit casts between float32 and int32.
+Also float32 bit helpers in 32-bit integer IR (numba would widen int32 arithmetic to
+int64, which halves the vector width): ``f32_split`` (exponent and mantissa) and
+``f32_exp2i`` (2 ** n for an integral n).
 """
 
+import functools
 import platform
 
 from llvmlite import ir
@@ -41,8 +44,14 @@ def has_isa(feature):
         return f"+{feature}" in config.CPU_FEATURES.split(",")
     if config.CPU_NAME not in (None, "host"):
         return False
+    return bool(_host_features().get(feature, False))
+
+
+@functools.cache
+def _host_features():
+    """LLVM's host feature map: asking costs ~0.5 ms, so once per process."""
     import llvmlite.binding as ll
-    return bool(ll.get_host_cpu_features().get(feature, False))
+    return dict(ll.get_host_cpu_features())
 
 
 def has_avx2():
@@ -99,25 +108,60 @@ def _passes(variant, builder):
     return acc_t, reduce_, [(32, step)]
 
 
-def _transpose_sum(builder, vecs):
-    """The lane sums of equally long i64 vectors, as scalars in order: pairs of vectors are
-    folded (even lanes + odd lanes of the two) until each lane holds one whole sum, which
-    costs far fewer shuffles than reducing every vector on its own."""
-    lanes, per = vecs[0].type.count, vecs[0].type.count
+def _fold(builder, vecs):
+    """Fold equally long i64 vectors pairwise (even lanes + odd lanes of the two) while their
+    number is even: far fewer shuffles than reducing each on its own. Returns (vectors, per):
+    lane k of the result holds the sum of ``per`` adjacent lanes of one input, in order."""
+    lanes = per = vecs[0].type.count
+    even = ir.Constant(ir.VectorType(_I32, lanes), list(range(0, 2 * lanes, 2)))
+    odd = ir.Constant(ir.VectorType(_I32, lanes), list(range(1, 2 * lanes, 2)))
     while per > 1 and len(vecs) > 1 and len(vecs) % 2 == 0:
-        even = ir.Constant(ir.VectorType(_I32, lanes), list(range(0, 2 * lanes, 2)))
-        odd = ir.Constant(ir.VectorType(_I32, lanes), list(range(1, 2 * lanes, 2)))
         vecs = [builder.add(builder.shuffle_vector(x, y, even), builder.shuffle_vector(x, y, odd))
                 for x, y in zip(vecs[0::2], vecs[1::2])]
         per //= 2
+    return vecs, per
+
+
+def _store_sums(builder, vecs, per, n_filt, out, obases, fids):
+    """Store the folded sums (pixel-major, ``n_filt`` per pixel) at ``obases[p] + fids[f]``.
+    Whole sums and filters that divide into lanes (or lanes into filters): one masked vector
+    store per pixel and lane group, the mask dropping the clamped (repeated) filters;
+    otherwise lane by lane."""
+    lanes = vecs[0].type.count
+    group = min(n_filt, lanes)
+    if per > 1 or max(n_filt, lanes) % group:
+        for i, total in enumerate(s for v in vecs for s in _lane_sums(builder, v, per)):
+            p, f = divmod(i, n_filt)
+            builder.store(builder.trunc(total, _I32), builder.gep(out, [builder.add(obases[p], fids[f])]))
+        return
+    valid = [builder.icmp_signed("==", fids[f], builder.add(fids[0], ir.Constant(_I64, f)))
+             for f in range(n_filt)]
+    vec_t = ir.VectorType(_I32, group)
+    mstore = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [vec_t, vec_t.as_pointer(), _I32,
+                                                        ir.VectorType(ir.IntType(1), group)]),
+        f"llvm.masked.store.v{group}i32.p0v{group}i32")
+    for p, obase in enumerate(obases):
+        for c in range(0, n_filt, group):
+            k, off = divmod(p * n_filt + c, lanes)
+            piece = builder.shuffle_vector(vecs[k], vecs[k], ir.Constant(
+                ir.VectorType(_I32, group), list(range(off, off + group))))
+            mask = ir.Constant(ir.VectorType(ir.IntType(1), group), None)
+            for j in range(group):
+                mask = builder.insert_element(mask, valid[c + j], ir.Constant(_I32, j))
+            ptr = builder.bitcast(builder.gep(out, [builder.add(obase, fids[c])]), vec_t.as_pointer())
+            builder.call(mstore, [builder.trunc(piece, vec_t), ptr, ir.Constant(_I32, 4), mask])
+
+
+def _lane_sums(builder, v, per):
+    """The sums of each ``per`` adjacent lanes of ``v``, as scalars."""
     out = []
-    for v in vecs:  # each vector now holds lanes // per sums of ``per`` adjacent lanes
-        for k in range(lanes // per):
-            parts = [builder.extract_element(v, ir.Constant(_I32, k * per + j)) for j in range(per)]
-            total = parts[0]
-            for part in parts[1:]:
-                total = builder.add(total, part)
-            out.append(total)
+    for k in range(v.type.count // per):
+        parts = [builder.extract_element(v, ir.Constant(_I32, k * per + j)) for j in range(per)]
+        total = parts[0]
+        for part in parts[1:]:
+            total = builder.add(total, part)
+        out.append(total)
     return out
 
 
@@ -165,15 +209,15 @@ def sad_block(variant, n_pix, n_filt):
                                 builder.store(step(builder.load(slot), xv, wv[f]), slot)
                     start = builder.add(start, builder.mul(count, size))
                     left = builder.sub(left, builder.mul(count, size))
-            for p in range(n_pix):
-                obase = builder.load(builder.gep(oo, [ir.Constant(_I64, p)]))
-                row_accs = [builder.load(accs[p * n_filt + f]) for f in range(n_filt)]
-                if isinstance(acc_t, ir.VectorType):
-                    totals = _transpose_sum(builder, row_accs)
-                else:
-                    totals = [reduce_(a) for a in row_accs]
-                for f, total in enumerate(totals):
-                    builder.store(builder.trunc(total, _I32), builder.gep(op, [builder.add(obase, fids[f])]))
+            obases = [builder.load(builder.gep(oo, [ir.Constant(_I64, p)])) for p in range(n_pix)]
+            sums = [builder.load(slot) for slot in accs]
+            if isinstance(acc_t, ir.VectorType):
+                _store_sums(builder, *_fold(builder, sums), n_filt, op, obases, fids)
+            else:
+                for i, total in enumerate(sums):
+                    p, f = divmod(i, n_filt)
+                    builder.store(builder.trunc(reduce_(total), _I32),
+                                  builder.gep(op, [builder.add(obases[p], fids[f])]))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -182,16 +226,22 @@ def sad_block(variant, n_pix, n_filt):
 
 
 @intrinsic
-def f32_bits(typingctx, x):
-    """The int32 bit pattern of a float32."""
+def f32_split(typingctx, x):
+    """(e, m) as float32 with ``x = m * 2 ** e``, ``1 <= m < 2``, for a normal float32 x > 0."""
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], _I32)
-    return types.int32(types.float32), codegen
+        bits = builder.bitcast(args[0], _I32)
+        e = builder.sub(builder.and_(builder.lshr(bits, ir.Constant(_I32, 23)), ir.Constant(_I32, 255)),
+                        ir.Constant(_I32, 127))
+        m = builder.or_(builder.and_(bits, ir.Constant(_I32, 0x7FFFFF)), ir.Constant(_I32, 0x3F800000))
+        return context.make_tuple(builder, signature.return_type,
+                                  [builder.sitofp(e, ir.FloatType()), builder.bitcast(m, ir.FloatType())])
+    return types.UniTuple(types.float32, 2)(types.float32), codegen
 
 
 @intrinsic
-def bits_f32(typingctx, i):
-    """The float32 whose bit pattern is the int32 ``i``."""
+def f32_exp2i(typingctx, n):
+    """2 ** n for a float32 holding an integer in [-126, 127]."""
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
+        k = builder.add(builder.fptosi(args[0], _I32), ir.Constant(_I32, 127))
+        return builder.bitcast(builder.shl(k, ir.Constant(_I32, 23)), ir.FloatType())
+    return types.float32(types.float32), codegen
