@@ -57,9 +57,9 @@ LAYERS = [(32, 128), (64, 96)]
 
 def per_cycle():
     """Ops (conv2d: MACs) per core and cycle at the ports' limit, by method: vpsadbw 2 per
-    cycle (the 2-core Zen 5 EPYC issued 2.00 zmm per cycle, independent accumulators in
-    registers), of 64 bytes where 512-bit vectors run at full rate (``fp32_lanes``), else
-    of 32; an fp32 adder op is 2 adds on 2 pipes of fp32 lanes; conv2d 2 FMA pipes."""
+    cycle (``benchmarks/port_limits.c``: 2.00-2.08 zmm per cycle on the 2-core Zen 5 EPYC),
+    of 64 bytes where 512-bit vectors run at full rate (``fp32_lanes``), else of 32; an fp32
+    adder op is 2 adds on 2 pipes of fp32 lanes; conv2d 2 FMA pipes."""
     lanes = fp32_lanes()
     return {"avx512": 128 if lanes == 16 else 64, "vpsadbw": 64, "portable": 64,
             "adder": lanes, "conv2d": 2 * lanes}

@@ -2,8 +2,8 @@
 
 Both kernels are reductions over contiguous runs of memory, which LLVM vectorises with
 the accumulators in registers; nothing of size output x C*kh*kw is ever built (extra
-memory: one NHWC copy of the input, or ceil(kh / sh) channels-last copies of the output
-gradient stacked, and the weights).
+memory: one NHWC copy of the input, or one channels-last copy of the output gradient, and
+the weights).
 
 * ``forward``: the input is copied into a zero-padded NHWC buffer and the weight into
   (O, kh, kw, C), so for one kernel row the patch of an output pixel and the filter are
@@ -13,10 +13,11 @@ gradient stacked, and the weights).
 * ``grad_input``: every input pixel gathers its own gradient from the output pixels that
   see it (no scatter, no races), as ``sum g * clamp(W, x - 1, x + 1) - x * sum g``: three
   instructions per adder op (max, min, fma) instead of four. The output gradient is
-  transposed to channels-last and stacked in one pass, so that for each input row the
-  kernel rows that read it sit side by side (``_stack_rows_kernel``, zeros off the image), and the weight taps of each stride phase
-  are stored newest output column first: all taps of a pixel are then one contiguous run
-  of (columns x rows x O) values, one vectorised loop with one horizontal sum at its end.
+  transposed to channels-last in one pass; for each input row the kernel copies the
+  output rows that read it side by side into a buffer that stays in cache (``_stack_rows``,
+  zeros off the image), and the weight taps of each stride phase are stored newest output
+  column first: all taps of a pixel are then one contiguous run of (columns x rows x O)
+  values, one vectorised loop with one horizontal sum at its end.
   Register block: 2 input columns with the same taps x 4 input channels. Threads share
   out (image, input row) pairs.
 
@@ -141,52 +142,71 @@ def _taps(pos, pad, stride, k, out):
 
 
 @njit(parallel=True, cache=True)
-def _stack_rows_kernel(g, g3, kh, stride_h, pad_h):
-    """g3[n, h, wo, mi, o] = g[n, o, bh - mi, wo] where kernel row ``rh + sh*mi`` reads input
-    row h from output row bh - mi, (bh, rh) = divmod(h + pad_h, sh); else 0. g: (N, O, Ho, Wo),
-    read in place (the transpose to channels-last happens here, in one pass)."""
+def _channels_last_kernel(g, gt):
+    """gt[n, ho, wo, o] = g[n, o, ho, wo] (the transpose of the output gradient, one pass)."""
     n_batch, n_out, out_h, out_w = g.shape
-    height, mh = g3.shape[1], g3.shape[3]
-    for job in prange(n_batch * height):
-        n = job // height
-        h = job - n * height
-        rh, bh = (h + pad_h) % stride_h, (h + pad_h) // stride_h
-        for mi in range(mh):
-            ho = bh - mi
-            if rh + stride_h * mi < kh and 0 <= ho < out_h:
-                dst = g3[n, h, :, mi]
+    for job in prange(n_batch * out_h):
+        n = job // out_h
+        ho = job - n * out_h
+        dst = gt[n, ho]
+        for o in range(n_out):
+            src = g[n, o, ho]
+            for wo in range(out_w):
+                dst[wo, o] = src[wo]
+
+
+@njit(inline="always")
+def _stack_rows(gt, n, h, kh, stride_h, pad_h, grow):
+    """grow[wo, mi, o] = gt[n, bh - mi, wo, o] where kernel row ``rh + sh*mi`` reads input row
+    h from output row bh - mi, (bh, rh) = divmod(h + pad_h, sh); else 0."""
+    out_h, out_w, mh, n_out = gt.shape[1], grow.shape[0], grow.shape[1], grow.shape[2]
+    rh, bh = (h + pad_h) % stride_h, (h + pad_h) // stride_h
+    flat = grow.reshape(-1)
+    for mi in range(mh):
+        ho = bh - mi
+        valid = rh + stride_h * mi < kh and 0 <= ho < out_h
+        src = gt[n, ho if valid else 0].reshape(-1)
+        for wo in range(out_w):
+            d, e = (wo * mh + mi) * n_out, wo * n_out
+            if valid:
                 for o in range(n_out):
-                    src = g[n, o, ho]
-                    for wo in range(out_w):
-                        dst[wo, o] = src[wo]
+                    flat[d + o] = src[e + o]
             else:
-                g3[n, h, :, mi] = 0
+                for o in range(n_out):
+                    flat[d + o] = 0
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _grad_input_kernel(x, wf, g3, gx, kw, stride_h, stride_w, pad_h, pad_w, out_w):
+def _grad_input_kernel(x, wf, gt, gx, kh, kw, stride_h, stride_w, pad_h, pad_w):
     """gx[n,c,h,w] = sum over taps (i,j) seeing (h,w) of sum_o g[n,ho,wo,o] * HT(W[o,c,i,j] - x[n,c,h,w]),
     computed as sum g * clamp(W, x - 1, x + 1) - x * sum g (three instructions per adder op).
 
-    x, gx: (N, C, H, W); g3: the output gradient stacked by ``_stack_rows_kernel``,
-    (N, H, Wo*Mh*O); wf: (sh, sw, C, M*Mh*O) with
+    x, gx: (N, C, H, W); gt: the output gradient channels-last, (N, Ho, Wo, O), stacked per
+    input row into a buffer of (Wo, Mh, O) (``_stack_rows``); wf: (sh, sw, C, M*Mh*O) with
     wf[rh, rw, c, ((M-1-m)*Mh + mi)*O + o] = W[o, c, rh + sh*mi, rw + sw*m] (0 off the kernel),
     M = ceil(kw / sw), Mh = ceil(kh / sh): the taps of a pixel are one run of (m, mi, o).
     Register block: 2 input columns of the same phase (same taps) x 4 channels; each channel
     block sweeps the whole row, so its weights stay in L1.
     """
     n_batch, channels, height, width = x.shape
-    span = g3.shape[2] // out_w  # Mh * O values per output column
+    out_w, n_out = gt.shape[2], gt.shape[3]
+    mh = -(-kh // stride_h)
+    span = mh * n_out  # values per output column
     taps = wf.shape[3] // span
     one = gx.dtype.type(1)
+    tap = np.empty((width, 4), np.int64)  # (r, base, m_lo, m_hi) of each column, divisions done once
+    for col in range(width):
+        tap[col, 0], tap[col, 1], tap[col, 2], tap[col, 3] = _taps(col, pad_w, stride_w, kw, out_w)
     for job in prange(n_batch * height):
         _wide_vectors()
         n = job // height
         h = job - n * height
-        grow, rh = g3[n, h], (h + pad_h) % stride_h
+        stacked = np.empty((out_w, mh, n_out), gx.dtype)
+        _stack_rows(gt, n, h, kh, stride_h, pad_h, stacked)
+        grow, rh = stacked.reshape(-1), (h + pad_h) % stride_h
         sums = np.empty(width, gx.dtype)  # the output gradient summed over each column's taps
         for col in range(width):
-            _, base, lo, hi = _taps(col, pad_w, stride_w, kw, out_w)
+            base, lo, hi = tap[col, 1], tap[col, 2], tap[col, 3]
             seg = grow[(base - hi) * span:(base - hi) * span + max(0, (hi - lo + 1) * span)]
             total = gx.dtype.type(0)
             for t in range(seg.size):
@@ -197,14 +217,12 @@ def _grad_input_kernel(x, wf, g3, gx, kw, stride_h, stride_w, pad_h, pad_w, out_
             for col0 in range(0, width, 2 * stride_w):
                 for col_a in range(col0, min(col0 + stride_w, width)):
                     col_b = col_a + stride_w if col_a + stride_w < width else col_a
-                    _, _, lo_a, hi_a = _taps(col_a, pad_w, stride_w, kw, out_w)
-                    _, _, lo_b, hi_b = _taps(col_b, pad_w, stride_w, kw, out_w)
-                    same = lo_a == lo_b and hi_a == hi_b
+                    same = tap[col_a, 2] == tap[col_b, 2] and tap[col_a, 3] == tap[col_b, 3]
                     for half in range(1 if same else 2):  # columns with different taps go one by one
                         ca = col_b if half == 1 else col_a
                         cb = col_a if not same and half == 0 else col_b
-                        r, ba, lo, hi = _taps(ca, pad_w, stride_w, kw, out_w)
-                        bb = (cb + pad_w) // stride_w
+                        r, ba, lo, hi = tap[ca, 0], tap[ca, 1], tap[ca, 2], tap[ca, 3]
+                        bb = tap[cb, 1]
                         length = max(0, (hi - lo + 1) * span)
                         ws = (taps - 1 - hi) * span
                         gsa = grow[(ba - hi) * span:(ba - hi) * span + length]
@@ -289,14 +307,13 @@ def forward(x, weight, stride, padding):
 
 def grad_input(x, weight, grad_out, stride, padding):
     """gX = sum g * HardTanh(W - X) over every (output pixel, tap) that reads X."""
-    n, _, h, _ = x.shape
+    n = x.shape[0]
     kh, kw = weight.shape[2:]
     o, ho, wo = grad_out.shape[1:]
-    g3 = x.new_empty(n, h, wo, -(-kh // stride[0]), o)
-    _launch(_stack_rows_kernel, g3.numel() * _COPY_COST, _np(grad_out.contiguous()), _np(g3),
-            kh, stride[0], padding[0])
+    gt = x.new_empty(n, ho, wo, o)
+    _launch(_channels_last_kernel, gt.numel() * _COPY_COST, _np(grad_out.contiguous()), _np(gt))
     gx = torch.empty_like(x)
     _launch(_grad_input_kernel, grad_out.numel() * weight[0].numel(), _np(x),
-            _np(_phase_weights(weight, stride)), _np(g3.reshape(n, h, -1)), _np(gx),
-            kw, stride[0], stride[1], padding[0], padding[1], wo)
+            _np(_phase_weights(weight, stride)), _np(gt), _np(gx),
+            kh, kw, stride[0], stride[1], padding[0], padding[1])
     return gx
