@@ -17,11 +17,11 @@ import math
 
 import numpy as np
 import torch
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from .cpu import _launch, _wide_vectors
+from .sad_ir import f32_exp2i, f32_split
 
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}  # no nnan/ninf: NaN in gives NaN out
 _COST = 32  # one element of the stage weighs this many adder ops (two transcendentals)
@@ -38,24 +38,10 @@ _EXP_C = tuple(_F(1 / math.factorial(k)) for k in range(8))
 _ONE, _HALF, _LO, _HI = _F(1), _F(0.5), _F(-87.3), _F(88.0)
 
 
-@intrinsic
-def _bits(typingctx, f):
-    """float32 -> its int32 bit pattern."""
-    return types.int32(types.float32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
-
-
-@intrinsic
-def _float(typingctx, i):
-    """int32 bit pattern -> float32."""
-    return types.float32(types.int32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
-
-
 @njit(inline="always", fastmath=_FASTMATH)
 def _ln32(a):
     """ln(a) for finite a > 0 (denormals taken as the smallest normal)."""
-    i = _bits(max(a, _TINY32))
-    e = _F((i >> 23) - 127)
-    m = _float(np.int32((i & 0x7FFFFF) | 0x3F800000))  # a = m 2^e, m in [1, 2)
+    e, m = f32_split(max(a, _TINY32))  # a = m 2^e, m in [1, 2)
     big = m > _SQRT2
     m = m * _HALF if big else m
     e = e + _ONE if big else e
@@ -69,12 +55,11 @@ def _ln32(a):
 def _exp32(y):
     """exp(y), y clamped to [-87.3, 88] (the normal float32 range)."""
     y = min(max(y, _LO), _HI)
-    k = np.int32(y * _INV_LN2 + _F(200.5)) - 200  # round to nearest: truncation of a positive value
-    kf = _F(k)
+    kf = _F(np.int32(y * _INV_LN2 + _F(200.5))) - _F(200.0)  # round: truncation of a positive value
     r = (y - kf * _LN2_HI) - kf * _LN2_LO
     c0, c1, c2, c3, c4, c5, c6, c7 = _EXP_C
     p = c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
-    return p * _float(np.int32((k + 127) << 23))
+    return p * f32_exp2i(kf)
 
 
 def _ln(a):
