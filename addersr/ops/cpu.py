@@ -156,12 +156,11 @@ def _channels_last_kernel(g, gt):
 
 
 @njit(inline="always")
-def _stack_rows(gt, n, h, kh, stride_h, pad_h, grow):
-    """grow[wo, mi, o] = gt[n, bh - mi, wo, o] where kernel row ``rh + sh*mi`` reads input row
-    h from output row bh - mi, (bh, rh) = divmod(h + pad_h, sh); else 0."""
-    out_h, out_w, mh, n_out = gt.shape[1], grow.shape[0], grow.shape[1], grow.shape[2]
+def _stack_rows(gt, n, h, kh, stride_h, pad_h, mh, flat):
+    """flat as (Wo, mh, O): [wo, mi, o] = gt[n, bh - mi, wo, o] where kernel row ``rh + sh*mi``
+    reads input row h from output row bh - mi, (bh, rh) = divmod(h + pad_h, sh); else 0."""
+    out_h, out_w, n_out = gt.shape[1], gt.shape[2], gt.shape[3]
     rh, bh = (h + pad_h) % stride_h, (h + pad_h) // stride_h
-    flat = grow.reshape(-1)
     for mi in range(mh):
         ho = bh - mi
         valid = rh + stride_h * mi < kh and 0 <= ho < out_h
@@ -194,6 +193,7 @@ def _grad_input_kernel(x, wf, gt, gx, kh, kw, stride_h, stride_w, pad_h, pad_w):
     span = mh * n_out  # values per output column
     taps = wf.shape[3] // span
     one = gx.dtype.type(1)
+    raw_size = gx.itemsize
     tap = np.empty((width, 4), np.int64)  # (r, base, m_lo, m_hi) of each column, divisions done once
     for col in range(width):
         tap[col, 0], tap[col, 1], tap[col, 2], tap[col, 3] = _taps(col, pad_w, stride_w, kw, out_w)
@@ -201,9 +201,11 @@ def _grad_input_kernel(x, wf, gt, gx, kh, kw, stride_h, stride_w, pad_h, pad_w):
         _wide_vectors()
         n = job // height
         h = job - n * height
-        stacked = np.empty((out_w, mh, n_out), gx.dtype)
-        _stack_rows(gt, n, h, kh, stride_h, pad_h, stacked)
-        grow, rh = stacked.reshape(-1), (h + pad_h) % stride_h
+        raw = np.empty(out_w * span + 64 // raw_size, gx.dtype)  # aligned to 64 bytes below:
+        start = -(raw.ctypes.data // raw_size) % (64 // raw_size)  # no load splits a cache line
+        grow = raw[start:start + out_w * span]
+        _stack_rows(gt, n, h, kh, stride_h, pad_h, mh, grow)
+        rh = (h + pad_h) % stride_h
         sums = np.empty(width, gx.dtype)  # the output gradient summed over each column's taps
         for col in range(width):
             base, lo, hi = tap[col, 1], tap[col, 2], tap[col, 3]

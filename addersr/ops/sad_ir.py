@@ -17,7 +17,9 @@ multiple of 32), with the accumulators kept in vector registers:
 Intrinsic signature: ``(x, xoffs, w, fidx, out, ooffs, rowstride, kh, seg)`` with ``x``,
 ``w`` flat uint8 arrays, ``xoffs`` (P,) the byte offset of each pixel's patch (kernel row
 0), ``fidx`` (F,) filter indices (filter f starts at ``f * kh * seg`` in ``w``), and
-``out`` a flat int32 array receiving pixel p, filter f at ``ooffs[p] + fidx[f]``.
+``out`` a flat int32 array receiving pixel p, filter f at ``ooffs[p] + fidx[f]``. The
+block's accumulators are folded together (``_fold``) and stored a pixel at a time with
+masked vector stores that skip the clamped (repeated) filters of an edge block.
 Also float32 bit helpers in 32-bit integer IR (numba would widen int32 arithmetic to
 int64, which halves the vector width): ``f32_split`` (exponent and mantissa) and
 ``f32_exp2i`` (2 ** n for an integral n).
