@@ -133,6 +133,17 @@ def _clamp(w, lo, hi):
 
 
 @njit(inline="always")
+def _aligned_empty(size, dtype):
+    """A 1-D array of ``size`` elements whose data starts on a 64-byte boundary: numba's own
+    allocations can be 32 bytes off, and then every 512-bit load splits a cache line (the
+    input gradient ran 20-25% slower so)."""
+    raw = np.empty(size + 64, dtype)
+    step = raw.itemsize
+    start = -(raw.ctypes.data // step) % (64 // step)
+    return raw[start:start + size]
+
+
+@njit(inline="always")
 def _taps(pos, pad, stride, k, out):
     """Kernel taps seeing input index ``pos``: tap ``r + stride*m`` reads it for output index
     ``base - m``; returns (r, base, m_lo, m_hi), the valid m (m_hi < m_lo: none)."""
@@ -193,7 +204,6 @@ def _grad_input_kernel(x, wf, gt, gx, kh, kw, stride_h, stride_w, pad_h, pad_w):
     span = mh * n_out  # values per output column
     taps = wf.shape[3] // span
     one = gx.dtype.type(1)
-    raw_size = gx.itemsize
     tap = np.empty((width, 4), np.int64)  # (r, base, m_lo, m_hi) of each column, divisions done once
     for col in range(width):
         tap[col, 0], tap[col, 1], tap[col, 2], tap[col, 3] = _taps(col, pad_w, stride_w, kw, out_w)
@@ -201,9 +211,7 @@ def _grad_input_kernel(x, wf, gt, gx, kh, kw, stride_h, stride_w, pad_h, pad_w):
         _wide_vectors()
         n = job // height
         h = job - n * height
-        raw = np.empty(out_w * span + 64 // raw_size, gx.dtype)  # aligned to 64 bytes below:
-        start = -(raw.ctypes.data // raw_size) % (64 // raw_size)  # no load splits a cache line
-        grow = raw[start:start + out_w * span]
+        grow = _aligned_empty(out_w * span, gx.dtype)
         _stack_rows(gt, n, h, kh, stride_h, pad_h, mh, grow)
         rh = (h + pad_h) % stride_h
         sums = np.empty(width, gx.dtype)  # the output gradient summed over each column's taps
