@@ -9,8 +9,7 @@ few rows of it per thread, and the weights).
   (O, kw, kh, C); per output row the kh input rows it reads are copied side by side into
   a buffer (Wp, kh, C) that stays in cache, so the patch of an output pixel and the filter
   are both one contiguous run of kw*kh*C values (one vectorised loop and one horizontal sum
-  per register block, not kh: +20% at 32 channels, even at 64; 1 thread, best of 40, 5
-  interleaved runs each). Register block: 2 output pixels x 4 output channels (8
+  per register block, not kh, which counts most at 32 channels). Register block: 2 output pixels x 4 output channels (8
   accumulators, 6 loads per 8 adder ops). Threads share out (image, output row) pairs.
 * ``grad_input``: every input pixel gathers its own gradient from the output pixels that
   see it (no scatter, no races), as ``sum g * clamp(W, x - 1, x + 1) - x * sum g``: three
@@ -80,11 +79,7 @@ def _forward_kernel(xp, w, y, kh, stride_h, stride_w, unit):
         ho = job - n * out_h
         rows = _aligned_empty(wp * kh * channels, xp.dtype)  # (Wp, kh, C)
         for i in range(kh):
-            src = xp[n, ho * stride_h + i].reshape(-1)
-            for j in range(wp):
-                d, e = (j * kh + i) * channels, j * channels
-                for c in range(channels):
-                    rows[d + c] = src[e + c]
+            _interleave(rows, xp[n, ho * stride_h + i].reshape(-1), i, kh, channels)
         for o0 in range(0, n_out, 4):
             q0, q1 = o0, min(o0 + 1, n_out - 1)
             q2, q3 = min(o0 + 2, n_out - 1), min(o0 + 3, n_out - 1)
@@ -142,8 +137,7 @@ def _clamp(w, lo, hi):
 @njit(inline="always")
 def _aligned_empty(size, dtype):
     """A 1-D array of ``size`` elements whose data starts on a 64-byte boundary: numba's own
-    allocations can be 32 bytes off, and then every 512-bit load splits a cache line (the
-    input gradient ran 20-25% slower so)."""
+    allocations can be 32 bytes off, and then every 512-bit load splits a cache line."""
     raw = np.empty(size + 64, dtype)
     step = raw.itemsize
     start = -(raw.ctypes.data // step) % (64 // step)
@@ -181,16 +175,20 @@ def _stack_rows(gt, n, h, kh, stride_h, pad_h, mh, flat):
     rh, bh = (h + pad_h) % stride_h, (h + pad_h) // stride_h
     for mi in range(mh):
         ho = bh - mi
-        valid = rh + stride_h * mi < kh and 0 <= ho < out_h
-        src = gt[n, ho if valid else 0].reshape(-1)
-        for wo in range(out_w):
-            d, e = (wo * mh + mi) * n_out, wo * n_out
-            if valid:
-                for o in range(n_out):
-                    flat[d + o] = src[e + o]
-            else:
-                for o in range(n_out):
-                    flat[d + o] = 0
+        if rh + stride_h * mi < kh and 0 <= ho < out_h:
+            _interleave(flat, gt[n, ho].reshape(-1), mi, mh, n_out)
+        else:
+            for wo in range(out_w):
+                flat[(wo * mh + mi) * n_out:(wo * mh + mi + 1) * n_out] = 0
+
+
+@njit(inline="always")
+def _interleave(flat, src, slot, slots, channels):
+    """flat as (src.size // channels, slots, channels): [j, slot, :] = src[j*channels:(j+1)*channels]."""
+    for j in range(src.size // channels):
+        d, e = (j * slots + slot) * channels, j * channels
+        for c in range(channels):
+            flat[d + c] = src[e + c]
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
