@@ -112,15 +112,19 @@ def cpu_limit():
     """This CPU's fp32 limit in adder ops/s, and how it was computed.
 
     2 vector add pipes x fp32 lanes (:func:`fp32_lanes`) x clock (:func:`clock_ghz`, turbo
-    included) x cores / 2 adds per adder op (DESIGN.md 1). Cores: the CPUs this process
-    may use. Per adder op the forward kernel issues sub, and, fma (the fma adds |d| * 1 on
-    the FMA pipes), the input gradient max, min, fma.
+    included) x cores / 2 adds per adder op (DESIGN.md 1): the rate of an adder op done
+    with fp32 adds. Cores: the CPUs this process may use. The stride-1 kernels move work off
+    the add pipes, so they can pass it: per adder op the forward issues sub, and, fma (the
+    fma adds |d| * 1 on the FMA pipes), the input gradient integer max, min (any vector
+    pipe) and an fma; ``benchmarks/port_limits.c`` measures what those mixes peak at.
     """
     lanes = fp32_lanes()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ghz, clock = clock_ghz()
     limit = 2 * lanes * ghz * 1e9 * cores / 2
-    how = f"2 add pipes x {lanes} fp32 lanes x {clock} x {cores} cores / 2 adds per op"
+    how = (f"2 add pipes x {lanes} fp32 lanes x {clock} x {cores} cores / 2 adds per op; the kernels "
+           "move the accumulation to the FMA pipes and the input gradient's clamp to integer ones, "
+           "so they can pass it")
     return limit, how
 
 

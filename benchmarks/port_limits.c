@@ -3,8 +3,10 @@
        gcc -O2 -mavx512bw -o /tmp/port_limits benchmarks/port_limits.c && /tmp/port_limits
 
    Register-only loops with independent accumulators (no memory traffic), so each reports
-   the ports' rate: 512-bit vpsadbw per cycle, and fp32 adder ops per cycle of the input
-   gradient's max / min / fma triple. Cycles come from a chain of dependent one-cycle adds
+   the ports' rate: 512-bit vpsadbw per cycle, and fp32 adder ops per cycle of the
+   instruction mixes of the adder kernels: the float max / min / fma triple (the input
+   gradient for strides > 1), the integer max / min + fma one (stride 1: the clamp on
+   integer keys) and sub / and / fma (the forward: |x - w| accumulated by an FMA by 1). Cycles come from a chain of dependent one-cycle adds
    timed the same way (the turbo clock, not /proc/cpuinfo's nominal one). One core. */
 #include <immintrin.h>
 #include <stdio.h>
@@ -56,9 +58,43 @@ int main(void) {
     double clamp = 8.0 * 16 * n / ((now() - t) * ghz * 1e9);
     float fchk = 0;
     for (int i = 0; i < 8; i++) fchk += _mm512_reduce_add_ps(f[i]);
+    __m512i klo[8], khi[8], kw[4];
+    for (int i = 0; i < 8; i++) {
+        klo[i] = _mm512_set1_epi32(0x3f800000 + i);
+        khi[i] = _mm512_set1_epi32(0x40000000 + i);
+        f[i] = _mm512_setzero_ps();
+    }
+    for (int i = 0; i < 4; i++) kw[i] = _mm512_set1_epi32(0x3fc00000 + i);
+    t = now();
+    for (long i = 0; i < n; i++) {
+        __asm__ volatile("" : "+v"(kw[0]), "+v"(kw[1]), "+v"(kw[2]), "+v"(kw[3]), "+v"(g[0]), "+v"(g[1]));
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++)
+            f[k] = _mm512_fmadd_ps(g[k / 4], _mm512_castsi512_ps(
+                _mm512_min_epi32(_mm512_max_epi32(kw[k % 4], klo[k]), khi[k])), f[k]);
+    }
+    double keyed = 8.0 * 16 * n / ((now() - t) * ghz * 1e9);
+    for (int i = 0; i < 8; i++) fchk += _mm512_reduce_add_ps(f[i]);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512i mag = _mm512_set1_epi32(0x7fffffff);
+    for (int i = 0; i < 8; i++) f[i] = _mm512_setzero_ps();
+    t = now();
+    for (long i = 0; i < n; i++) {
+        __asm__ volatile("" : "+v"(w[0]), "+v"(w[1]), "+v"(w[2]), "+v"(w[3]), "+v"(g[0]), "+v"(g[1]));
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            __m512 d = _mm512_sub_ps(w[k % 4], g[k / 4]);
+            d = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(d), mag));
+            f[k] = _mm512_fmadd_ps(d, one, f[k]);
+        }
+    }
+    double absum = 8.0 * 16 * n / ((now() - t) * ghz * 1e9);
+    for (int i = 0; i < 8; i++) fchk += _mm512_reduce_add_ps(f[i]);
 
     printf("clock %.2f GHz\n", ghz);
     printf("vpsadbw zmm: %.2f per cycle (%.0f byte ops per cycle)\n", sad, 64 * sad);
-    printf("max/min/fma (input gradient): %.1f fp32 adder ops per cycle\n", clamp);
+    printf("max/min/fma (input gradient, strides > 1): %.1f fp32 adder ops per cycle\n", clamp);
+    printf("integer max/min + fma (input gradient, stride 1): %.1f fp32 adder ops per cycle\n", keyed);
+    printf("sub/and/fma (forward): %.1f fp32 adder ops per cycle\n", absum);
     return (chk == 42 && fchk == 42.0f);  /* keeps the accumulators live */
 }

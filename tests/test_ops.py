@@ -250,3 +250,89 @@ def test_cpu_memory_stays_linear():
     proc = subprocess.run([sys.executable, "-c", _MEMORY], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.split()[-1]) < 12, proc.stdout
+
+
+# Stride-1 shapes for the column-vectorised kernels: widths around their vector (16 or 8
+# lanes) and block (2 and 3 vectors) edges, channels off the gradient's block of 4, filters
+# off the forward's block of 8, rectangular kernels.
+COLUMN_CASES = [
+    (1, 1, 3, 1, 2, (1, 1), 0), (2, 5, 4, 15, 3, (3, 3), 1), (1, 6, 5, 16, 7, (3, 3), 1),
+    (1, 9, 3, 17, 5, (3, 3), 1), (2, 4, 6, 33, 4, (5, 3), (2, 1)), (1, 7, 4, 48, 9, (3, 5), (1, 2)),
+    (1, 3, 5, 31, 2, (3, 3), 0), (1, 2, 4, 20, 3, (3, 3), 2), (1, 4, 3, 50, 17, (3, 3), 1),
+    (1, 3, 2, 64, 8, (1, 3), (0, 1)),
+]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", COLUMN_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-k{c[5]}-p{c[6]}")
+def test_cpu_stride1_columns(case, dtype):
+    """The stride-1 forward and input gradient (vectorised along columns; the gradient's clamp
+    keyed by integers) on the inputs that choose the gradient's shift: centred, all >= 2 (no
+    shift), all negative and wide."""
+    n, c, h, w, o, k, padding = case
+    from addersr.ops import cpu
+    weight = torch.randn(o, c, *k, dtype=torch.float64)
+    for x in (torch.randn(n, c, h, w, dtype=torch.float64), torch.rand(n, c, h, w, dtype=torch.float64) + 2,
+              -5 - 3 * torch.rand(n, c, h, w, dtype=torch.float64)):
+        grad_out = torch.randn(_out_shape(x, weight, 1, padding), dtype=torch.float64)
+        y_ref, gx_ref, _ = brute(x, weight, grad_out, 1, padding)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        y = cpu.forward(x.to(dtype), weight.to(dtype), (1, 1), _pair(padding))
+        assert y.dtype == dtype and y.shape == y_ref.shape and rel(y, y_ref) < tol
+        gx = cpu.grad_input(x.to(dtype), weight.to(dtype), grad_out.to(dtype), (1, 1), _pair(padding))
+        assert gx.dtype == dtype and gx.shape == x.shape and rel(gx, gx_ref) < tol
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba is not installed")
+@pytest.mark.parametrize("stride", [(1, 1), (2, 1)])
+def test_cpu_input_gradient_non_finite(stride):
+    """NaN weights take float keys (integer ones would drop the NaN): NaN exactly where the
+    reference has it. A NaN or -inf input stays out of the shift (only its own pixel is hit)."""
+    from addersr.ops import cpu
+    x, weight = torch.randn(2, 5, 9, 19, dtype=torch.float64), torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    grad_out = torch.randn(_out_shape(x, weight, stride, 1), dtype=torch.float64)
+    weight_nan = weight.clone()
+    weight_nan[3, 2, 1, 0] = float("nan")
+    _, gx_ref, _ = brute(x, weight_nan, grad_out, stride, 1)
+    gx = cpu.grad_input(x, weight_nan, grad_out, stride, (1, 1))
+    assert torch.isnan(gx_ref).any() and torch.equal(torch.isnan(gx), torch.isnan(gx_ref))
+    ok = ~torch.isnan(gx_ref)
+    assert torch.allclose(gx[ok], gx_ref[ok], rtol=1e-12, atol=1e-12)
+    bad = x.clone()
+    bad[1, 2, 4, 5], bad[0, 1, 3, 7] = float("nan"), -float("inf")
+    _, gx_ref, _ = brute(bad.nan_to_num(neginf=0.0), weight, grad_out, stride, 1)
+    gx = cpu.grad_input(bad, weight, grad_out, stride, (1, 1))
+    assert torch.isnan(gx[1, 2, 4, 5]) and not torch.isfinite(gx[0, 1, 3, 7])
+    hit = torch.zeros_like(bad, dtype=torch.bool)
+    hit[1, 2, 4, 5] = hit[0, 1, 3, 7] = True
+    assert torch.allclose(gx[~hit], gx_ref[~hit], rtol=1e-12, atol=1e-12)
+
+
+_NARROW = """
+import torch
+from addersr.ops import cpu, cpu_ir, reference
+assert cpu_ir.VECTOR_BYTES == 32 and cpu._COL_BLOCK == (2, 2) and cpu._FWD_BLOCK == (4, 2)
+torch.manual_seed(0)
+rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+for n, c, h, w, o, k, p in ((2, 5, 4, 15, 3, 3, 1), (1, 3, 5, 9, 6, 3, 0), (1, 4, 3, 21, 2, 5, 2)):
+    for dt in (torch.float32, torch.float64):
+        x, wt = torch.randn(n, c, h, w, dtype=dt), torch.randn(o, c, k, k, dtype=dt)
+        g = torch.randn(n, o, h + 2 * p - k + 1, w + 2 * p - k + 1, dtype=dt)
+        tol = 1e-5 if dt == torch.float32 else 1e-12
+        y = reference.forward(x.double(), wt.double(), (1, 1), (p, p))
+        assert rel(cpu.forward(x, wt, (1, 1), (p, p)), y) < tol, (n, c, h, w, dt)
+        gx = reference.grad_input(x.double(), wt.double(), g.double(), (1, 1), (p, p))
+        assert rel(cpu.grad_input(x, wt, g, (1, 1), (p, p)), gx) < tol, (n, c, h, w, dt)
+print("ok")
+"""
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="numba is not installed")
+@pytest.mark.parametrize("cpu_name", ["haswell", "generic"])
+def test_cpu_columns_without_avx512(cpu_name, tmp_path):
+    """Where numba targets a CPU without AVX-512 the column kernels take 32-byte vectors and
+    smaller blocks (AVX2's 16 registers; plain x86-64 splits them further), and stay exact."""
+    env = {**os.environ, "NUMBA_CPU_NAME": cpu_name, "NUMBA_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", _NARROW], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

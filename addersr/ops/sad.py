@@ -25,16 +25,14 @@ is in ``beta``), ReLU, ``sign(v) |v|^a``, then optionally ``skip + res_scale * v
 as float32 NHWC and / or requantised into the next layer's padded uint8 input.
 """
 
-import hashlib
 import math
 import os
-import types as pytypes
-from pathlib import Path
 
 import numpy as np
 from numba import njit, prange
 
 from .cpu import _launch
+from .cpu_ir import compile_template, source_tag
 from .sad_ir import f32_exp2i, f32_split, has_isa, sad_block
 
 __all__ = ["adder_layer", "default_variant", "fill_border", "padded_channels", "quantize_nhwc",
@@ -179,17 +177,8 @@ def _requantize(v, q, inv_s, z):
             q[wo, o] = np.uint8(np.int32(t))
 
 
-def _compile(fn, name, env, parallel):
-    glob = {**fn.__globals__, **env}
-    f = pytypes.FunctionType(fn.__code__, glob, name)
-    f.__qualname__ = name
-    return njit(parallel=parallel, cache=True, fastmath=_FM)(f)
-
-
 _KERNELS = {}
-# numba's cache only sees this file's time stamp: name the kernels after the IR module's
-# source too, so that a change there cannot load stale machine code.
-_IR_TAG = hashlib.sha256(Path(__file__).with_name("sad_ir.py").read_bytes()).hexdigest()[:12]
+_IR_TAG = source_tag("sad_ir.py")
 
 
 def _kernels(variant):
@@ -198,10 +187,10 @@ def _kernels(variant):
         n_pix, n_filt = BLOCK[variant]
         block = {"SAD": sad_block(variant, n_pix, n_filt), "BLOCK_P": n_pix, "BLOCK_F": n_filt}
         tag = f"{variant}_{_IR_TAG}"
-        rows = _compile(_sad_rows, f"_sad_rows_{tag}", block, False)
+        rows = compile_template(_sad_rows, f"_sad_rows_{tag}", block, False, _FM)
         env = {**block, "sad_rows": rows}
-        _KERNELS[variant] = (_compile(_sad_kernel, f"_sad_kernel_{tag}", env, True),
-                             _compile(_layer_kernel, f"_layer_kernel_{tag}", env, True))
+        _KERNELS[variant] = (compile_template(_sad_kernel, f"_sad_kernel_{tag}", env, True, _FM),
+                             compile_template(_layer_kernel, f"_layer_kernel_{tag}", env, True, _FM))
     return _KERNELS[variant]
 
 

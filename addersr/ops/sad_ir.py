@@ -111,30 +111,42 @@ def _passes(variant, builder):
 
 
 def _fold(builder, vecs):
-    """Fold equally long i64 vectors pairwise (even lanes + odd lanes of the two) while their
-    number is even: far fewer shuffles than reducing each on its own. Returns (vectors, per):
-    lane k of the result holds the sum of ``per`` adjacent lanes of one input, in order."""
-    lanes = per = vecs[0].type.count
+    """Sum each of the equally long i64 vectors ``vecs`` (every lane and every total < 2 ** 31) over its lanes; returns <2L x i32> vectors holding the totals in order.
+
+    Pairs are first packed into one vector (``x + (y << 32)``: in-lane, no shuffle, exact as
+    no lane sum carries into the high half), then folded pairwise (even lanes + odd lanes of
+    two vectors, zero-padded to an even count) until each lane is one total: half the
+    cross-lane shuffles of folding the accumulators themselves."""
+    i64v = vecs[0].type
+    lanes = i64v.count
+    vecs = vecs + [ir.Constant(i64v, None)] * (len(vecs) % 2)
+    shift = ir.Constant(i64v, [32] * lanes)
+    vecs = [builder.add(x, builder.shl(y, shift)) for x, y in zip(vecs[0::2], vecs[1::2])]
     even = ir.Constant(ir.VectorType(_I32, lanes), list(range(0, 2 * lanes, 2)))
     odd = ir.Constant(ir.VectorType(_I32, lanes), list(range(1, 2 * lanes, 2)))
-    while per > 1 and len(vecs) > 1 and len(vecs) % 2 == 0:
+    per = lanes
+    while per > 1:
+        if len(vecs) % 2:
+            vecs.append(ir.Constant(i64v, None))
         vecs = [builder.add(builder.shuffle_vector(x, y, even), builder.shuffle_vector(x, y, odd))
                 for x, y in zip(vecs[0::2], vecs[1::2])]
         per //= 2
-    return vecs, per
+    return [builder.bitcast(v, ir.VectorType(_I32, 2 * lanes)) for v in vecs]
 
 
-def _store_sums(builder, vecs, per, n_filt, out, obases, fids):
-    """Store the folded sums (pixel-major, ``n_filt`` per pixel) at ``obases[p] + fids[f]``.
-    Whole sums and filters that divide into lanes (or lanes into filters): one masked vector
-    store per pixel and lane group, the mask dropping the clamped (repeated) filters;
-    otherwise lane by lane."""
+def _store_sums(builder, vecs, n_filt, out, obases, fids):
+    """Store the totals (``vecs`` from :func:`_fold`, pixel-major, ``n_filt`` per pixel) at
+    ``obases[p] + fids[f]``: one masked vector store per pixel and lane group (filters that
+    divide into lanes or lanes into filters), the mask dropping the clamped (repeated) filters;
+    otherwise one scalar store per total."""
     lanes = vecs[0].type.count
     group = min(n_filt, lanes)
-    if per > 1 or max(n_filt, lanes) % group:
-        for i, total in enumerate(s for v in vecs for s in _lane_sums(builder, v, per)):
-            p, f = divmod(i, n_filt)
-            builder.store(builder.trunc(total, _I32), builder.gep(out, [builder.add(obases[p], fids[f])]))
+    if max(n_filt, lanes) % group:
+        for p, obase in enumerate(obases):
+            for f in range(n_filt):
+                k, off = divmod(p * n_filt + f, lanes)
+                total = builder.extract_element(vecs[k], ir.Constant(_I32, off))
+                builder.store(total, builder.gep(out, [builder.add(obase, fids[f])]))
         return
     valid = [builder.icmp_signed("==", fids[f], builder.add(fids[0], ir.Constant(_I64, f)))
              for f in range(n_filt)]
@@ -152,19 +164,7 @@ def _store_sums(builder, vecs, per, n_filt, out, obases, fids):
             for j in range(group):
                 mask = builder.insert_element(mask, valid[c + j], ir.Constant(_I32, j))
             ptr = builder.bitcast(builder.gep(out, [builder.add(obase, fids[c])]), vec_t.as_pointer())
-            builder.call(mstore, [builder.trunc(piece, vec_t), ptr, ir.Constant(_I32, 4), mask])
-
-
-def _lane_sums(builder, v, per):
-    """The sums of each ``per`` adjacent lanes of ``v``, as scalars."""
-    out = []
-    for k in range(v.type.count // per):
-        parts = [builder.extract_element(v, ir.Constant(_I32, k * per + j)) for j in range(per)]
-        total = parts[0]
-        for part in parts[1:]:
-            total = builder.add(total, part)
-        out.append(total)
-    return out
+            builder.call(mstore, [piece, ptr, ir.Constant(_I32, 4), mask])
 
 
 def _data(context, builder, arytype, value):
@@ -214,7 +214,7 @@ def sad_block(variant, n_pix, n_filt):
             obases = [builder.load(builder.gep(oo, [ir.Constant(_I64, p)])) for p in range(n_pix)]
             sums = [builder.load(slot) for slot in accs]
             if isinstance(acc_t, ir.VectorType):
-                _store_sums(builder, *_fold(builder, sums), n_filt, op, obases, fids)
+                _store_sums(builder, _fold(builder, sums), n_filt, op, obases, fids)
             else:
                 for i, total in enumerate(sums):
                     p, f = divmod(i, n_filt)
