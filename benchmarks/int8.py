@@ -77,13 +77,18 @@ def _cpu():
             f"{info.get('cpu MHz', '?')} MHz, SAD variants {sad.variants()}")
 
 
-def _interleaved(fns, repeat):
-    """{name: median seconds}: ``fns`` run in turn ``repeat`` times after one warm-up each."""
+def _interleaved(fns, repeat, settle=0):
+    """{name: median seconds}: ``fns`` run in turn ``repeat`` times after one warm-up each;
+    each timed call follows ``settle`` untimed calls of the same function, which absorb the
+    previous one's runtime: torch's and numba's OpenMP threads each spin after a call, and
+    the other runtime's sub-millisecond kernel that starts meanwhile shares the cores."""
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
     for _ in range(repeat):
         for k, f in fns.items():
+            for _ in range(settle):
+                f()
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
@@ -114,7 +119,7 @@ def layer_rows(repeat, threads, ghz):
         fns["F.conv2d fp32 NCHW (MAC/s)"] = lambda: F.conv2d(x, w, padding=1)
         fns["F.conv2d fp32 channels_last (MAC/s)"] = lambda: F.conv2d(xcl, w, padding=1)
         with torch.no_grad():
-            med = _interleaved(fns, repeat)
+            med = _interleaved(fns, repeat, settle=1)
         ops = c * c * 9 * hw * hw
         base = med["fp32 adder kernel (adder2d cpu)"]
         conv = med["F.conv2d fp32 NCHW (MAC/s)"]
@@ -294,7 +299,8 @@ def main(argv=None):
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}, GOMP_SPINCOUNT="
             f"{os.environ.get('GOMP_SPINCOUNT', '-')}); torch {torch.__version__}, numba "
             f"{numba.__version__}. Medians of {args.repeat} interleaved runs "
-            f"({args.layer_repeat} for layers). Load average (1 min) "
+            f"({args.layer_repeat} for layers, each timed call after an untimed one of the same "
+            f"method). Load average (1 min) "
             f"{load0[0]:.1f} before, {load1[0]:.1f} after, on {os.cpu_count()} cores"
             + (": the machine was shared, figures are noisy." if max(load0[0], load1[0]) > 0.5 else ".") + "\n")
     md = head

@@ -8,9 +8,11 @@ from addersr.ops.sad_ir import has_avx2, has_isa
 
 VARIANTS = sad.variants()
 # (N, H, W, C, O, k, stride): odd sizes, channels not a multiple of 32, filters not a
-# multiple of the 4-filter block, widths not a multiple of the 3-pixel block, stride 2.
+# multiple of the 4-filter block, widths not a multiple of the pixel blocks, stride 2; at
+# 32 padded channels and stride 1 (the paired AVX-512 kernel) widths 1 (not paired), 2, 13.
 SHAPES = [(2, 7, 9, 5, 6, 3, (1, 1)), (1, 11, 13, 32, 7, 3, (2, 2)), (1, 6, 5, 40, 9, 1, (1, 2)),
-          (1, 8, 10, 64, 13, 3, (2, 1)), (3, 5, 4, 3, 1, 5, (1, 1))]
+          (1, 8, 10, 64, 13, 3, (2, 1)), (3, 5, 4, 3, 1, 5, (1, 1)), (1, 4, 1, 20, 5, 3, (1, 1)),
+          (1, 3, 2, 32, 13, 3, (1, 1)), (2, 5, 13, 31, 9, 3, (1, 1))]
 
 
 def _ref_sad(xq, wq, stride):

@@ -13,10 +13,12 @@ Layouts (numpy arrays):
 Three variants of the inner block (:mod:`addersr.ops.sad_ir`): ``"avx512"`` (AVX-512BW),
 ``"vpsadbw"`` (AVX2), both checked before compiling, and ``"portable"``; ``variant=None``
 picks the fastest the CPU has, and $ADDERSR_SAD overrides. Register block: ``BLOCK``
-output pixels x filters per variant; threads share out (image, output row) pairs; edge
-blocks are clamped (recomputed). The kernels below marked "template" are compiled once per variant by
-:func:`_kernels`, which supplies their globals ``SAD``, ``BLOCK_P``, ``BLOCK_F`` and
-``sad_rows``.
+output pixels x filters per variant; at 32 padded channels and stride 1 ``"avx512"`` takes
+pairs of adjacent pixels in one register (``PAIR_BLOCK``, ``sad_ir.sad_pair_block``,
+each filter tap stored twice); threads share out (image, output row) pairs; edge blocks
+are clamped (recomputed). The kernels below marked "template" are compiled once per
+kernel kind by :func:`_kernels`, which supplies their globals ``SAD``, ``BLOCK_P``,
+``BLOCK_F``, ``PAIRED`` and ``sad_rows``.
 
 :func:`sad2d` is the bare SAD. :func:`adder_layer` fuses the AdderSR layer's epilogue in
 its output stage, per output row: ``v = alpha[o] * SAD + beta[o]`` (folded BN and weight
@@ -33,7 +35,7 @@ from numba import njit, prange
 
 from .cpu import _launch
 from .cpu_ir import compile_template, source_tag
-from .sad_ir import f32_exp2i, f32_split, has_isa, sad_block
+from .sad_ir import f32_exp2i, f32_split, has_isa, sad_block, sad_pair_block
 
 __all__ = ["adder_layer", "default_variant", "fill_border", "padded_channels", "quantize_nhwc",
            "sad2d", "variants"]
@@ -44,6 +46,7 @@ _NEEDS = {"avx512": "avx512bw", "vpsadbw": "avx2", "portable": None}
 # fastest of 12 blocks from 2 x 8 to 8 x 4 on a Zen 5: 1.19x 2 x 8 at 64 channels, 1.2x at
 # 32; 1 thread), AVX2 16
 BLOCK = {"avx512": (6, 4), "vpsadbw": (2, 8), "portable": (2, 8)}
+PAIR_BLOCK = (6, 4)  # pixel pairs x filters of the AVX-512 kernel for 32 channels at stride 1
 _FM = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _LN2_INV2 = np.float32(2.0 / math.log(2.0))
 
@@ -98,7 +101,10 @@ def _sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, sh, sw
     seg = kw * cp
     for wo0 in range(0, out_w, npix):
         for p in range(npix):
-            wo = min(wo0 + p, out_w - 1)
+            if PAIRED:  # both pixels of a pair stay on the row (out_w >= 2)
+                wo = min(wo0 + p - p % 2, out_w - 2) + p % 2
+            else:
+                wo = min(wo0 + p, out_w - 1)
             xo[p] = ((n * hp + ho * sh) * wp + wo * sw) * cp
             oo[p] = wo * n_out
         for o0 in range(0, n_out, nfil):
@@ -181,17 +187,33 @@ _KERNELS = {}
 _IR_TAG = source_tag("sad_ir.py")
 
 
-def _kernels(variant):
-    """(sad kernel, fused layer kernel) for ``variant``, built (not compiled) on first use."""
-    if variant not in _KERNELS:
-        n_pix, n_filt = BLOCK[variant]
-        block = {"SAD": sad_block(variant, n_pix, n_filt), "BLOCK_P": n_pix, "BLOCK_F": n_filt}
-        tag = f"{variant}_{_IR_TAG}"
+def _kernels(variant, paired=False):
+    """(sad kernel, fused layer kernel) for ``variant`` (``paired``: the AVX-512 kernel for 32
+    channels at stride 1, ``sad_pair_block``), built (not compiled) on first use."""
+    key = (variant, paired)
+    if key not in _KERNELS:
+        if paired:
+            n_pairs, n_filt = PAIR_BLOCK
+            block = {"SAD": sad_pair_block(n_pairs, n_filt), "BLOCK_P": 2 * n_pairs, "BLOCK_F": n_filt}
+        else:
+            n_pix, n_filt = BLOCK[variant]
+            block = {"SAD": sad_block(variant, n_pix, n_filt), "BLOCK_P": n_pix, "BLOCK_F": n_filt}
+        block["PAIRED"] = paired
+        tag = f"{variant}{'_paired' if paired else ''}_{_IR_TAG}"
         rows = compile_template(_sad_rows, f"_sad_rows_{tag}", block, False, _FM)
         env = {**block, "sad_rows": rows}
-        _KERNELS[variant] = (compile_template(_sad_kernel, f"_sad_kernel_{tag}", env, True, _FM),
-                             compile_template(_layer_kernel, f"_layer_kernel_{tag}", env, True, _FM))
-    return _KERNELS[variant]
+        _KERNELS[key] = (compile_template(_sad_kernel, f"_sad_kernel_{tag}", env, True, _FM),
+                         compile_template(_layer_kernel, f"_layer_kernel_{tag}", env, True, _FM))
+    return _KERNELS[key]
+
+
+def _pick(variant, wq, stride, out_w):
+    """(kernels, filters) for a call: the paired AVX-512 kernel, with each filter tap stored
+    twice, where it applies (32 padded channels, stride 1, two output columns or more)."""
+    name = default_variant(variant)
+    if name == "avx512" and wq.shape[3] == 32 and tuple(stride) == (1, 1) and out_w >= 2:
+        return _kernels(name, True), np.concatenate([wq, wq], axis=3)
+    return _kernels(name), wq
 
 
 def _check_layout(xq, wq):
@@ -213,7 +235,8 @@ def sad2d(xq, wq, stride=(1, 1), variant=None):
     if hp < kh or wp < kw:
         raise ValueError(f"padded input {hp}x{wp} is smaller than the kernel {kh}x{kw}")
     out = np.empty((n, (hp - kh) // sh + 1, (wp - kw) // sw + 1, o), np.int32)
-    _launch(_kernels(default_variant(variant))[0], out.size * wq[0].size, xq, wq, out, sh, sw)
+    kernels, filters = _pick(variant, wq, stride, out.shape[2])
+    _launch(kernels[0], out.size * wq[0].size, xq, filters, out, sh, sw)
     return out
 
 
@@ -241,8 +264,9 @@ def adder_layer(xq, wq, alpha, beta, s_in, a_pow=1.0, relu=False, skip=None, res
         raise ValueError(f"qout must be padded uint8 NHWC around {h}x{w} with >= {o} channels")
     flags = np.array([skip is not None, fout is not None, qout is not None], np.bool_)
     f32 = np.float32
-    _launch(_kernels(default_variant(variant))[1], n * h * w * o * kh * kw * xq.shape[3],
-            xq, wq, np.ascontiguousarray(alpha, f32), np.ascontiguousarray(beta, f32), f32(s_in),
+    kernels, filters = _pick(variant, wq, (1, 1), w)
+    _launch(kernels[1], n * h * w * o * kh * kw * xq.shape[3],
+            xq, filters, np.ascontiguousarray(alpha, f32), np.ascontiguousarray(beta, f32), f32(s_in),
             f32(a_pow), bool(relu), empty_f if skip is None else skip, f32(res_scale),
             empty_f if fout is None else fout,
             np.empty((1, 1, 1, 1), np.uint8) if qout is None else qout, f32(1.0 / s_out), f32(z_out), flags)

@@ -20,6 +20,8 @@ Intrinsic signature: ``(x, xoffs, w, fidx, out, ooffs, rowstride, kh, seg)`` wit
 ``out`` a flat int32 array receiving pixel p, filter f at ``ooffs[p] + fidx[f]``. The
 block's accumulators are folded together (``_fold``) and stored a pixel at a time with
 masked vector stores that skip the clamped (repeated) filters of an edge block.
+``sad_pair_block(Q, F)``: the AVX-512 block for 32 padded channels at stride 1, Q pairs
+of adjacent pixels sharing each 64-byte load (same signature).
 Also float32 bit helpers in 32-bit integer IR (numba would widen int32 arithmetic to
 int64, which halves the vector width): ``f32_split`` (exponent and mantissa) and
 ``f32_exp2i`` (2 ** n for an integral n).
@@ -110,13 +112,16 @@ def _passes(variant, builder):
     return acc_t, reduce_, [(32, step)]
 
 
-def _fold(builder, vecs):
-    """Sum each of the equally long i64 vectors ``vecs`` (every lane and every total < 2 ** 31) over its lanes; returns <2L x i32> vectors holding the totals in order.
+def _fold(builder, vecs, per_out=1):
+    """Sum each of the equally long i64 vectors ``vecs`` (every lane and every total < 2 ** 31)
+    over groups of L / ``per_out`` adjacent lanes; returns <2L x i32> vectors.
 
     Pairs are first packed into one vector (``x + (y << 32)``: in-lane, no shuffle, exact as
     no lane sum carries into the high half), then folded pairwise (even lanes + odd lanes of
-    two vectors, zero-padded to an even count) until each lane is one total: half the
-    cross-lane shuffles of folding the accumulators themselves."""
+    two vectors, zero-padded to an even count) until each lane is one group's total: half
+    the cross-lane shuffles of folding the accumulators themselves. With ``per_out`` 1 the
+    totals come out in order; otherwise packed vector m (inputs 2m, 2m+1) gives, in turn,
+    the ``per_out`` groups of input 2m interleaved with those of input 2m + 1."""
     i64v = vecs[0].type
     lanes = i64v.count
     vecs = vecs + [ir.Constant(i64v, None)] * (len(vecs) % 2)
@@ -125,7 +130,7 @@ def _fold(builder, vecs):
     even = ir.Constant(ir.VectorType(_I32, lanes), list(range(0, 2 * lanes, 2)))
     odd = ir.Constant(ir.VectorType(_I32, lanes), list(range(1, 2 * lanes, 2)))
     per = lanes
-    while per > 1:
+    while per > per_out:
         if len(vecs) % 2:
             vecs.append(ir.Constant(i64v, None))
         vecs = [builder.add(builder.shuffle_vector(x, y, even), builder.shuffle_vector(x, y, odd))
@@ -220,6 +225,71 @@ def sad_block(variant, n_pix, n_filt):
                     p, f = divmod(i, n_filt)
                     builder.store(builder.trunc(reduce_(total), _I32),
                                   builder.gep(op, [builder.add(obases[p], fids[f])]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _sad
+
+
+def sad_pair_block(n_pairs, n_filt):
+    """AVX-512 SAD block for 32 padded channels at stride 1: ``n_pairs`` pairs of adjacent
+    output pixels x ``n_filt`` filters (``n_filt`` 2, 4 or 8).
+
+    With 32 bytes per pixel, the two pixels of a pair read, at each kernel tap, two adjacent
+    32-byte columns: one 64-byte load, against the filter's tap stored twice (``w`` as
+    (O, kh, kw, 64), see ``sad.paired_filters``), and one accumulator per pair whose low
+    four lanes belong to the first pixel and high four to the second. A 3x3 patch is then
+    4.5 vector steps per pixel instead of 3 whole and 3 half ones, and each accumulator folds
+    into two outputs. Same signature as :func:`sad_block`, ``xoffs`` (2 * n_pairs) holding
+    each pixel's patch offset (a pair's first one is read) and ``seg`` = kw * 32."""
+    if n_filt not in (2, 4, 8):
+        raise ValueError("a paired SAD block takes 2, 4 or 8 filters")
+    n_pix = 2 * n_pairs
+
+    @intrinsic
+    def _sad(typingctx, x, xoffs, w, fidx, out, ooffs, rowstride, kh, seg):
+        sig = types.void(x, xoffs, w, fidx, out, ooffs, rowstride, kh, seg)
+
+        def codegen(context, builder, signature, args):
+            ax, axo, aw, afi, aout, aoo, rs, nkh, nseg = args
+            tys = signature.args
+            xp, wp = _data(context, builder, tys[0], ax), _data(context, builder, tys[2], aw)
+            xo, fi = _data(context, builder, tys[1], axo), _data(context, builder, tys[3], afi)
+            op, oo = _data(context, builder, tys[4], aout), _data(context, builder, tys[5], aoo)
+            acc_t, step64, _ = _psadbw_ops(builder, 64)
+            const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            rs, nkh, nseg = (builder.sext(v, _I64) if v.type.width < 64 else v for v in (rs, nkh, nseg))
+            kw = builder.udiv(nseg, const(32))
+            xbase = [builder.load(builder.gep(xo, [const(2 * q)])) for q in range(n_pairs)]
+            fids = [builder.load(builder.gep(fi, [const(f)])) for f in range(n_filt)]
+            flen = builder.mul(builder.mul(nkh, kw), const(64))
+            wbase = [builder.mul(f, flen) for f in fids]
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_t, None)) for _ in range(n_pairs * n_filt)]
+            with cgutils.for_range(builder, nkh) as row:
+                xrow = builder.mul(row.index, rs)
+                wrow = builder.mul(builder.mul(row.index, kw), const(64))
+                with cgutils.for_range(builder, kw) as tap:
+                    xt = builder.add(xrow, builder.mul(tap.index, const(32)))
+                    wt = builder.add(wrow, builder.mul(tap.index, const(64)))
+                    wv = [_vector_load(builder, wp, builder.add(b, wt), 64) for b in wbase]
+                    for q in range(n_pairs):
+                        xv = _vector_load(builder, xp, builder.add(xbase[q], xt), 64)
+                        for f in range(n_filt):
+                            slot = accs[q * n_filt + f]
+                            builder.store(step64(builder.load(slot), xv, wv[f]), slot)
+            # packed vector m = (q, filters 2r and 2r+1): [2r lo, 2r+1 lo, 2r hi, 2r+1 hi]
+            # (lo: the pair's first pixel); each 16-lane vector holds whole pixels: reorder
+            # it pixel-major for the stores
+            folded = _fold(builder, [builder.load(slot) for slot in accs], per_out=2)
+            order = []
+            for pix in range(16 // n_filt):
+                q, h = divmod(pix, 2)
+                order += [((q * n_filt + f) // 2) * 4 + h * 2 + f % 2 for f in range(n_filt)]
+            mask = ir.Constant(ir.VectorType(_I32, 16), order)
+            folded = [builder.shuffle_vector(v, v, mask) for v in folded]
+            obases = [builder.load(builder.gep(oo, [const(p)])) for p in range(n_pix)]
+            _store_sums(builder, folded, n_filt, op, obases, fids)
             return context.get_dummy_value()
 
         return sig, codegen
