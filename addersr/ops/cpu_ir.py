@@ -63,6 +63,24 @@ def _load(builder, base, offset, vec_t, align):
     return builder.load(ptr, align=align)
 
 
+def _vector_types(context, dtype):
+    """(float vector, integer vector of the same width, lanes, alignment) for ``dtype``."""
+    width = dtype.bitwidth
+    lanes = VECTOR_BYTES * 8 // width
+    return (ir.VectorType(context.get_value_type(dtype), lanes), ir.VectorType(ir.IntType(width), lanes),
+            lanes, width // 8)
+
+
+def _kind(vec_t):
+    """LLVM's name of a float vector type, e.g. v16f32."""
+    return f"v{vec_t.count}f{32 if isinstance(vec_t.element, ir.FloatType) else 64}"
+
+
+def _fma(builder, vec_t):
+    fn_t = ir.FunctionType(vec_t, [vec_t] * 3)
+    return cgutils.get_or_insert_function(builder.module, fn_t, f"llvm.fma.{_kind(vec_t)}")
+
+
 def _no_unroll(builder, branch):
     """Tags the loop whose latch is ``branch`` ``llvm.loop.unroll.disable``: unrolled twice,
     a block's accumulators and bounds no longer fit in registers and are reloaded each step."""
@@ -92,6 +110,24 @@ def _counted_loop(builder, count):
     return t, close
 
 
+def _step_loop(builder, n_acc, vec_t, align, nsteps, vectors, scalars, body):
+    """``n_acc`` zero accumulators (slots) and ``for t in range(nsteps)`` around ``body(vecs,
+    scalar, accs)``: ``vectors`` = (data, base, steps, count): vecs[p] the vector at
+    ``data[base + steps[t] + p * lanes]``, p < count; ``scalars`` = (data, base, per):
+    scalar(k) = ``data[base + t * per + k]``. Returns the slots."""
+    const = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(vec_t, None)) for _ in range(n_acc)]
+    t, done = _counted_loop(builder, nsteps)
+    data, base, steps, count = vectors
+    start = builder.add(base, builder.load(builder.gep(steps, [t])))
+    vecs = [_load(builder, data, builder.add(start, const(p * vec_t.count)), vec_t, align) for p in range(count)]
+    sdata, sbase, per = scalars
+    sstart = builder.add(sbase, builder.mul(t, const(per)))
+    body(vecs, lambda k: builder.load(builder.gep(sdata, [builder.add(sstart, const(k))])), accs)
+    done()
+    return accs
+
+
 def _splat(builder, value, vec_t):
     i32 = ir.IntType(32)
     first = builder.insert_element(ir.Constant(vec_t, None), value, ir.Constant(i32, 0))
@@ -108,7 +144,7 @@ def _column_masks(builder, ncols, n_vec, lanes):
 
 def _masked(builder, name, vec_t, args):
     ptr_t, bvec = vec_t.as_pointer(), ir.VectorType(ir.IntType(1), vec_t.count)
-    kind = f"v{vec_t.count}f{32 if isinstance(vec_t.element, ir.FloatType) else 64}"
+    kind = _kind(vec_t)
     if name == "load":
         fn_t = ir.FunctionType(vec_t, [ptr_t, ir.IntType(32), bvec, vec_t])
     else:
@@ -138,19 +174,13 @@ def clamp_fma_block(n_ch, n_vec):
             a_rows, rbase, a_steps, a_keys, kbase, a_x, xbase, cstride, nch, ncols, shift, a_sums, a_gx = args
             tys = signature.args
             nsteps = cgutils.create_struct_proxy(tys[2])(context, builder, value=a_steps).nitems
-            fty = context.get_value_type(tys[0].dtype)
-            width = tys[0].dtype.bitwidth
-            ity = ir.IntType(width)
-            lanes = VECTOR_BYTES * 8 // width
-            fvec, ivec = ir.VectorType(fty, lanes), ir.VectorType(ity, lanes)
-            align = width // 8
+            fvec, ivec, lanes, align = _vector_types(context, tys[0].dtype)
             rp, sp = _data(context, builder, tys[0], a_rows), _data(context, builder, tys[2], a_steps)
             kp, xp = _data(context, builder, tys[3], a_keys), _data(context, builder, tys[5], a_x)
             mp, gp = _data(context, builder, tys[11], a_sums), _data(context, builder, tys[12], a_gx)
             rbase, kbase, xbase, cstride, nch, ncols = (builder.sext(v, _I64) if v.type.width < 64 else v
                                                         for v in (rbase, kbase, xbase, cstride, nch, ncols))
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(fvec, [fvec] * 3), f"llvm.fma.v{lanes}f{width}")
+            fma = _fma(builder, fvec)
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
             masks = _column_masks(builder, ncols, n_vec, lanes)
             one, vshift = ir.Constant(fvec, [1.0] * lanes), _splat(builder, shift, fvec)
@@ -164,21 +194,19 @@ def clamp_fma_block(n_ch, n_vec):
                     xs.append(v)
                     lo.append(builder.bitcast(builder.fsub(v, one), ivec))
                     hi.append(builder.bitcast(builder.fadd(v, one), ivec))
-            nb = n_ch * n_vec
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(fvec, None)) for _ in range(nb)]
-            t, done = _counted_loop(builder, nsteps)
-            gstart = builder.add(rbase, builder.load(builder.gep(sp, [t])))
-            g = [_load(builder, rp, builder.add(gstart, const(p * lanes)), fvec, align) for p in range(n_vec)]
-            kstart = builder.add(kbase, builder.mul(t, const(n_ch)))
-            for ch in range(n_ch):
-                e = _splat(builder, builder.load(builder.gep(kp, [builder.add(kstart, const(ch))])), ivec)
-                for p in range(n_vec):
-                    k = ch * n_vec + p
-                    c = builder.select(builder.icmp_signed("<", e, lo[k]), lo[k], e)
-                    c = builder.select(builder.icmp_signed(">", c, hi[k]), hi[k], c)
-                    builder.store(builder.call(fma, [g[p], builder.bitcast(c, fvec), builder.load(accs[k])]),
-                                  accs[k])
-            done()
+
+            def step(g, key, accs):
+                for ch in range(n_ch):
+                    e = _splat(builder, key(ch), ivec)
+                    for p in range(n_vec):
+                        k = ch * n_vec + p
+                        c = builder.select(builder.icmp_signed("<", e, lo[k]), lo[k], e)
+                        c = builder.select(builder.icmp_signed(">", c, hi[k]), hi[k], c)
+                        builder.store(builder.call(fma, [g[p], builder.bitcast(c, fvec), builder.load(accs[k])]),
+                                      accs[k])
+
+            accs = _step_loop(builder, n_ch * n_vec, fvec, align, nsteps, (rp, rbase, sp, n_vec),
+                              (kp, kbase, n_ch), step)
             total = [_load(builder, mp, const(p * lanes), fvec, align) for p in range(n_vec)]
             for ch in range(n_ch):
                 with builder.if_then(builder.icmp_signed("<", const(ch), nch)):
@@ -215,35 +243,27 @@ def abs_sum_block(n_out, n_vec):
             a_x, xbase, a_steps, a_w, wbase, a_unit, nout, ncols, a_y, ybase, ostride = args
             tys = signature.args
             nsteps = cgutils.create_struct_proxy(tys[2])(context, builder, value=a_steps).nitems
-            fty = context.get_value_type(tys[0].dtype)
-            width = tys[0].dtype.bitwidth
-            ity = ir.IntType(width)
-            lanes = VECTOR_BYTES * 8 // width
-            fvec, ivec = ir.VectorType(fty, lanes), ir.VectorType(ity, lanes)
-            align = width // 8
+            fvec, ivec, lanes, align = _vector_types(context, tys[0].dtype)
             xp, sp = _data(context, builder, tys[0], a_x), _data(context, builder, tys[2], a_steps)
             wp, up = _data(context, builder, tys[3], a_w), _data(context, builder, tys[5], a_unit)
             yp = _data(context, builder, tys[8], a_y)
             xbase, wbase, nout, ncols, ybase, ostride = (builder.sext(v, _I64) if v.type.width < 64 else v
                                                          for v in (xbase, wbase, nout, ncols, ybase, ostride))
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(fvec, [fvec] * 3), f"llvm.fma.v{lanes}f{width}")
+            fma = _fma(builder, fvec)
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
             one = _splat(builder, builder.load(up), fvec)
-            magnitude = ir.Constant(ivec, [(1 << (width - 1)) - 1] * lanes)
-            nb = n_out * n_vec
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(fvec, None)) for _ in range(nb)]
-            t, done = _counted_loop(builder, nsteps)
-            start = builder.add(xbase, builder.load(builder.gep(sp, [t])))
-            xv = [_load(builder, xp, builder.add(start, const(p * lanes)), fvec, align) for p in range(n_vec)]
-            wstart = builder.add(wbase, builder.mul(t, const(n_out)))
-            for o in range(n_out):
-                e = _splat(builder, builder.load(builder.gep(wp, [builder.add(wstart, const(o))])), fvec)
-                for p in range(n_vec):
-                    d = builder.bitcast(builder.and_(builder.bitcast(builder.fsub(xv[p], e), ivec), magnitude), fvec)
-                    slot = accs[o * n_vec + p]
-                    builder.store(builder.call(fma, [d, one, builder.load(slot)]), slot)
-            done()
+            magnitude = ir.Constant(ivec, [(1 << (ivec.element.width - 1)) - 1] * lanes)
+            def step(xv, weight, accs):
+                for o in range(n_out):
+                    e = _splat(builder, weight(o), fvec)
+                    for p in range(n_vec):
+                        d = builder.bitcast(builder.and_(builder.bitcast(builder.fsub(xv[p], e), ivec), magnitude),
+                                            fvec)
+                        slot = accs[o * n_vec + p]
+                        builder.store(builder.call(fma, [d, one, builder.load(slot)]), slot)
+
+            accs = _step_loop(builder, n_out * n_vec, fvec, align, nsteps, (xp, xbase, sp, n_vec),
+                              (wp, wbase, n_out), step)
             masks = _column_masks(builder, ncols, n_vec, lanes)
             for o in range(n_out):
                 with builder.if_then(builder.icmp_signed("<", const(o), nout)):

@@ -176,6 +176,12 @@ def _data(context, builder, arytype, value):
     return cgutils.create_struct_proxy(arytype)(context, builder, value=value).data
 
 
+def _block_args(context, builder, signature, args):
+    """The data pointers of (x, xoffs, w, fidx, out, ooffs) and rowstride, kh, seg as i64."""
+    ptrs = [_data(context, builder, ty, value) for ty, value in zip(signature.args[:6], args[:6])]
+    return ptrs + [builder.sext(v, _I64) if v.type.width < 64 else v for v in args[6:]]
+
+
 def sad_block(variant, n_pix, n_filt):
     """The SAD register-block intrinsic for ``variant`` ("vpsadbw" or "portable")."""
     if variant not in ("avx512", "vpsadbw", "portable"):
@@ -186,13 +192,8 @@ def sad_block(variant, n_pix, n_filt):
         sig = types.void(x, xoffs, w, fidx, out, ooffs, rowstride, kh, seg)
 
         def codegen(context, builder, signature, args):
-            ax, axo, aw, afi, aout, aoo, rs, nkh, nseg = args
-            tys = signature.args
-            xp, wp = _data(context, builder, tys[0], ax), _data(context, builder, tys[2], aw)
-            xo, fi = _data(context, builder, tys[1], axo), _data(context, builder, tys[3], afi)
-            op, oo = _data(context, builder, tys[4], aout), _data(context, builder, tys[5], aoo)
+            xp, xo, wp, fi, op, oo, rs, nkh, nseg = _block_args(context, builder, signature, args)
             acc_t, reduce_, passes = _passes(variant, builder)
-            rs, nkh, nseg = (builder.sext(v, _I64) if v.type.width < 64 else v for v in (rs, nkh, nseg))
             xbase = [builder.load(builder.gep(xo, [ir.Constant(_I64, p)])) for p in range(n_pix)]
             fids = [builder.load(builder.gep(fi, [ir.Constant(_I64, f)])) for f in range(n_filt)]
             flen = builder.mul(nkh, nseg)
@@ -252,14 +253,9 @@ def sad_pair_block(n_pairs, n_filt):
         sig = types.void(x, xoffs, w, fidx, out, ooffs, rowstride, kh, seg)
 
         def codegen(context, builder, signature, args):
-            ax, axo, aw, afi, aout, aoo, rs, nkh, nseg = args
-            tys = signature.args
-            xp, wp = _data(context, builder, tys[0], ax), _data(context, builder, tys[2], aw)
-            xo, fi = _data(context, builder, tys[1], axo), _data(context, builder, tys[3], afi)
-            op, oo = _data(context, builder, tys[4], aout), _data(context, builder, tys[5], aoo)
+            xp, xo, wp, fi, op, oo, rs, nkh, nseg = _block_args(context, builder, signature, args)
             acc_t, step64, _ = _psadbw_ops(builder, 64)
             const = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            rs, nkh, nseg = (builder.sext(v, _I64) if v.type.width < 64 else v for v in (rs, nkh, nseg))
             kw = builder.udiv(nseg, const(32))
             xbase = [builder.load(builder.gep(xo, [const(2 * q)])) for q in range(n_pairs)]
             fids = [builder.load(builder.gep(fi, [const(f)])) for f in range(n_filt)]
