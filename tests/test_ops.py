@@ -254,12 +254,12 @@ def test_cpu_memory_stays_linear():
 
 # Stride-1 shapes for the column-vectorised kernels: widths around their vector (16 or 8
 # lanes) and block (2 and 3 vectors) edges, channels off the gradient's block of 4, filters
-# off the forward's block of 8, rectangular kernels.
+# off the forward's block of 8, rectangular kernels, padding wider than the kernel.
 COLUMN_CASES = [
     (1, 1, 3, 1, 2, (1, 1), 0), (2, 5, 4, 15, 3, (3, 3), 1), (1, 6, 5, 16, 7, (3, 3), 1),
     (1, 9, 3, 17, 5, (3, 3), 1), (2, 4, 6, 33, 4, (5, 3), (2, 1)), (1, 7, 4, 48, 9, (3, 5), (1, 2)),
     (1, 3, 5, 31, 2, (3, 3), 0), (1, 2, 4, 20, 3, (3, 3), 2), (1, 4, 3, 50, 17, (3, 3), 1),
-    (1, 3, 2, 64, 8, (1, 3), (0, 1)),
+    (1, 3, 2, 64, 8, (1, 3), (0, 1)), (1, 3, 5, 7, 4, (1, 1), 1), (1, 5, 3, 33, 6, (1, 3), (0, 4)),
 ]
 
 
