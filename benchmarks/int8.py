@@ -112,9 +112,10 @@ def layer_rows(repeat, threads, ghz):
         qout = np.zeros_like(xq)
         x, w = torch.randn(1, c, hw, hw), torch.randn(c, c, 3, 3)
         xcl = x.contiguous(memory_format=torch.channels_last)
-        fns = {f"uint8 SAD {v}": (lambda v=v: sad.sad2d(xq, wq, variant=v)) for v in sad.variants()}
+        packed = {v: sad.pack_filters(wq, v) for v in sad.variants()}  # as a loaded model has them
+        fns = {f"uint8 SAD {v}": (lambda v=v: sad.sad2d(xq, packed[v])) for v in sad.variants()}
         fns[f"uint8 fused layer ({sad.default_variant()})"] = lambda: sad.adder_layer(
-            xq, wq, alpha, beta, 0.01, 0.4, True, qout=qout, s_out=0.01, z_out=0)
+            xq, packed[sad.default_variant()], alpha, beta, 0.01, 0.4, True, qout=qout, s_out=0.01, z_out=0)
         fns["fp32 adder kernel (adder2d cpu)"] = lambda: adder2d(x, w, padding=1, backend="cpu")
         fns["F.conv2d fp32 NCHW (MAC/s)"] = lambda: F.conv2d(x, w, padding=1)
         fns["F.conv2d fp32 channels_last (MAC/s)"] = lambda: F.conv2d(xcl, w, padding=1)

@@ -7,12 +7,13 @@ from addersr.ops import sad
 from addersr.ops.sad_ir import has_avx2, has_isa
 
 VARIANTS = sad.variants()
-# (N, H, W, C, O, k, stride): odd sizes, channels not a multiple of 32, filters not a
-# multiple of the 4-filter block, widths not a multiple of the pixel blocks, stride 2; at
-# 32 padded channels and stride 1 (the paired AVX-512 kernel) widths 1 (not paired), 2, 13.
+# (N, H, W, C, O, k, stride): odd sizes, channels not a multiple of 32, filter counts off
+# the psadbw groups (8 / 4 filters) and their register blocks (4 / 2 groups: 33, 40, 13),
+# widths not a multiple of the pixel blocks (6 / 4 / 2), stride 2.
 SHAPES = [(2, 7, 9, 5, 6, 3, (1, 1)), (1, 11, 13, 32, 7, 3, (2, 2)), (1, 6, 5, 40, 9, 1, (1, 2)),
           (1, 8, 10, 64, 13, 3, (2, 1)), (3, 5, 4, 3, 1, 5, (1, 1)), (1, 4, 1, 20, 5, 3, (1, 1)),
-          (1, 3, 2, 32, 13, 3, (1, 1)), (2, 5, 13, 31, 9, 3, (1, 1))]
+          (1, 3, 2, 32, 13, 3, (1, 1)), (2, 5, 13, 31, 9, 3, (1, 1)), (1, 4, 14, 64, 40, 3, (1, 1)),
+          (1, 5, 7, 32, 33, 3, (1, 2)), (1, 3, 8, 96, 64, 3, (1, 1))]
 
 
 def _ref_sad(xq, wq, stride):
@@ -111,6 +112,26 @@ def test_fused_layer_without_outputs_is_a_noop_and_bad_layouts_fail():
         sad.sad2d(xq.astype(np.int16), wq)
     with pytest.raises(ValueError, match="fout"):
         sad.adder_layer(xq, wq, np.ones(8), np.zeros(8), 0.1, fout=np.zeros((1, 4, 4, 9), np.float32))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packed_filters(variant):
+    """Filters packed once give the plain array's result; a pack is tied to its variant."""
+    rng = np.random.default_rng()
+    xq, wq = _random_layout(rng, 1, 6, 9, 64, 19, 3)
+    packed = sad.pack_filters(wq, variant)
+    assert packed.shape == wq.shape and sad.pack_filters(packed, variant) is packed
+    np.testing.assert_array_equal(sad.sad2d(xq, packed), _ref_sad(xq, wq, (1, 1)))
+    alpha, beta = np.full(19, -1e-3, np.float32), np.ones(19, np.float32)
+    outs = [np.zeros((1, 6, 9, 19), np.float32) for _ in range(2)]
+    for filters, out in zip((wq, packed), outs):
+        sad.adder_layer(xq, filters, alpha, beta, 0.0, fout=out, variant=variant)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    for other in set(VARIANTS) - {variant}:
+        with pytest.raises(ValueError, match="packed for SAD variant"):
+            sad.sad2d(xq, packed, variant=other)
+    with pytest.raises(ValueError, match="one value per filter"):
+        sad.adder_layer(xq, packed, alpha[:5], beta, 0.0, fout=outs[0])
 
 
 def test_variant_choice(monkeypatch):

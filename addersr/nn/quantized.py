@@ -41,7 +41,7 @@ class QuantAdderLayer:
         self.channels, self.cp, self.kernel = c, sad.padded_channels(c, kw), (kh, kw)
         qw = np.zeros((o, kh, kw, self.cp), np.uint8)
         qw[..., :c] = (torch.round(wc / s) + z).clamp(0, 255).permute(0, 2, 3, 1).numpy()
-        self.wq = qw
+        self.wq, self._packed = qw, {}
         bn = layer.bn
         a = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
         b = bn.bias.detach().double() - bn.running_mean.double() * a
@@ -62,10 +62,17 @@ class QuantAdderLayer:
         (returned) and / or write ``skip + res_scale * y`` to float32 NHWC ``fout``."""
         n, hp, wp, _ = xq.shape
         qout = None if nxt is None else nxt.buffer(n, hp - self.kernel[0] + 1, wp - self.kernel[1] + 1)
-        sad.adder_layer(xq, self.wq, self.alpha, self.beta, self.scale, self.a_pow, self.relu, skip,
+        sad.adder_layer(xq, self.filters(variant), self.alpha, self.beta, self.scale, self.a_pow, self.relu, skip,
                         res_scale, fout, qout, nxt.scale if nxt else 1.0, nxt.zero_point if nxt else 0,
                         variant)
         return qout
+
+    def filters(self, variant=None):
+        """The filters packed for SAD ``variant`` (packed on first use)."""
+        name = sad.default_variant(variant)
+        if name not in self._packed:
+            self._packed[name] = sad.pack_filters(self.wq, name)
+        return self._packed[name]
 
     def quantize_input(self, x):
         """Float32 NHWC ``x`` -> this layer's padded uint8 input."""

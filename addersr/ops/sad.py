@@ -9,16 +9,18 @@ Layouts (numpy arrays):
   the channels padded with byte 0 to ``Cp = padded_channels(C, kw)``, so one kernel row
   (``kw * Cp`` bytes) is a whole number of 32-byte vectors;
 * filters ``wq``: (O, kh, kw, Cp) uint8, padded channels 0 (so they add |0 - 0| = 0).
+  Kernels take them packed for their variant (:func:`pack_filters`; a plain array is
+  packed on each call, which costs a copy of the filters).
 
-Three variants of the inner block (:mod:`addersr.ops.sad_ir`): ``"avx512"`` (AVX-512BW),
-``"vpsadbw"`` (AVX2), both checked before compiling, and ``"portable"``; ``variant=None``
-picks the fastest the CPU has, and $ADDERSR_SAD overrides. Register block: ``BLOCK``
-output pixels x filters per variant; at 32 padded channels and stride 1 ``"avx512"`` takes
-pairs of adjacent pixels in one register (``PAIR_BLOCK``, ``sad_ir.sad_pair_block``,
-each filter tap stored twice); threads share out (image, output row) pairs; edge blocks
-are clamped (recomputed). The kernels below marked "template" are compiled once per
-kernel kind by :func:`_kernels`, which supplies their globals ``SAD``, ``BLOCK_P``,
-``BLOCK_F``, ``PAIRED`` and ``sad_rows``.
+Three variants (:mod:`addersr.ops.sad_ir`): ``"avx512"`` (AVX-512BW) and ``"vpsadbw"``
+(AVX2), both checked before compiling, run ``psadbw`` on filters grouped 8 (4) at a time
+with interleaved taps against broadcast input bytes, so each vector lane sums one output
+(``sad_ir.sad_row``); ``"portable"`` is plain vector code LLVM turns into SAD instructions
+where the target has them. ``variant=None`` picks the fastest the CPU has, $ADDERSR_SAD
+overrides. Register blocks: ``BLOCK`` output pixels x filter groups (portable: filters);
+threads share out (image, output row) pairs; edge blocks are clamped (recomputed). The
+kernels below marked "template" are compiled once per variant by :func:`_kernels`, which
+supplies their globals (``SAD``, ``BLOCK_P``, ``BLOCK_F``, ``LANES``, ``sad_rows``).
 
 :func:`sad2d` is the bare SAD. :func:`adder_layer` fuses the AdderSR layer's epilogue in
 its output stage, per output row: ``v = alpha[o] * SAD + beta[o]`` (folded BN and weight
@@ -29,24 +31,27 @@ as float32 NHWC and / or requantised into the next layer's padded uint8 input.
 
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
 from .cpu import _launch
 from .cpu_ir import compile_template, source_tag
-from .sad_ir import f32_exp2i, f32_split, has_isa, sad_block, sad_pair_block
+from .sad_ir import f32_exp2i, f32_split, has_isa, portable_block, sad_row
 
-__all__ = ["adder_layer", "default_variant", "fill_border", "padded_channels", "quantize_nhwc",
-           "sad2d", "variants"]
+__all__ = ["PackedFilters", "adder_layer", "default_variant", "fill_border", "pack_filters",
+           "padded_channels", "quantize_nhwc", "sad2d", "variants"]
 
 VARIANTS = ("avx512", "vpsadbw", "portable")
 _NEEDS = {"avx512": "avx512bw", "vpsadbw": "avx2", "portable": None}
-# output pixels x filters per register block: AVX-512 has 32 vector registers (6 x 4 was the
-# fastest of 12 blocks from 2 x 8 to 8 x 4 on a Zen 5: 1.19x 2 x 8 at 64 channels, 1.2x at
-# 32; 1 thread), AVX2 16
-BLOCK = {"avx512": (6, 4), "vpsadbw": (2, 8), "portable": (2, 8)}
-PAIR_BLOCK = (6, 4)  # pixel pairs x filters of the AVX-512 kernel for 32 channels at stride 1
+# filters per group (one per 64-bit lane) of the psadbw variants
+LANES = {"avx512": 8, "vpsadbw": 4}
+# register blocks, output pixels x filter groups (portable: x filters). A Zen 5, 1 thread,
+# 1x32x128x128 / 1x64x96x96: avx512 6 x 4 402 / 433 G op/s, 12 x 2 383 / 424, 8 x 2 403 /
+# 426; vpsadbw compiled for znver3 (16 vector registers) 4 x 2 205 / 209, 6 x 2 192 / 208,
+# 5 x 2 197 / 203, 3 x 3 184 / 179
+BLOCK = {"avx512": (6, 4), "vpsadbw": (4, 2), "portable": (2, 8)}
 _FM = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _LN2_INV2 = np.float32(2.0 / math.log(2.0))
 
@@ -94,30 +99,34 @@ def _pow(y, a):
     return r if y > np.float32(1e-37) else np.float32(0.0)
 
 
-def _sad_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, sh, sw):
-    """Template: SAD of output row (n, ho) into ``acc`` (out_w * n_out int32, pixel-major)."""
+def _grouped_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, sh, sw):
+    """Template: SAD of output row (n, ho) into ``acc`` (out_w * n_out int32, pixel-major),
+    psadbw variants (packed filters)."""
+    n_groups = -(-n_out // LANES)
+    for g0 in range(0, n_groups, BLOCK_F):
+        SAD(xflat, wflat, acc, (n * hp + ho * sh) * wp * cp, sw * cp, out_w, g0, n_out, wp * cp, kh, kw * cp)
+
+
+def _plain_rows(xflat, wflat, acc, n, ho, hp, wp, cp, out_w, n_out, kh, kw, sh, sw):
+    """Template: as :func:`_grouped_rows`, portable variant (plain filters)."""
     npix, nfil = BLOCK_P, BLOCK_F
     xo, oo, fi = np.empty(npix, np.int64), np.empty(npix, np.int64), np.empty(nfil, np.int64)
-    seg = kw * cp
     for wo0 in range(0, out_w, npix):
         for p in range(npix):
-            if PAIRED:  # both pixels of a pair stay on the row (out_w >= 2)
-                wo = min(wo0 + p - p % 2, out_w - 2) + p % 2
-            else:
-                wo = min(wo0 + p, out_w - 1)
+            wo = min(wo0 + p, out_w - 1)
             xo[p] = ((n * hp + ho * sh) * wp + wo * sw) * cp
             oo[p] = wo * n_out
         for o0 in range(0, n_out, nfil):
             for f in range(nfil):
                 fi[f] = min(o0 + f, n_out - 1)
-            SAD(xflat, xo, wflat, fi, acc, oo, wp * cp, kh, seg)
+            SAD(xflat, xo, wflat, fi, acc, oo, wp * cp, kh, kw * cp)
 
 
 def _sad_kernel(xq, wq, out, sh, sw):
-    """Template: ``out`` (N, Ho, Wo, O) int32 = SAD of ``xq`` and ``wq`` at stride (sh, sw)."""
+    """Template: ``out`` (N, Ho, Wo, O) int32 = SAD of ``xq`` and packed ``wq`` at stride (sh, sw)."""
     n_batch, hp, wp, cp = xq.shape
-    n_out, kh, kw, _ = wq.shape
-    _, out_h, out_w, _ = out.shape
+    _, kh, kw, _ = wq.shape
+    _, out_h, out_w, n_out = out.shape
     xflat, wflat = xq.reshape(-1), wq.reshape(-1)
     for job in prange(n_batch * out_h):
         n = job // out_h
@@ -130,7 +139,8 @@ def _layer_kernel(xq, wq, alpha, beta, s_in, a_pow, relu, skip, res_scale, fout,
                   z_out, flags):
     """Template: fused AdderSR layer, stride 1, "same" padding; flags: (has_skip, write_f, write_q)."""
     n_batch, hp, wp, cp = xq.shape
-    n_out, kh, kw, _ = wq.shape
+    _, kh, kw, _ = wq.shape
+    n_out = alpha.shape[0]
     ph, pw = kh // 2, kw // 2
     out_h, out_w = hp - 2 * ph, wp - 2 * pw
     qph, qpw = (qout.shape[1] - out_h) // 2, (qout.shape[2] - out_w) // 2
@@ -187,42 +197,63 @@ _KERNELS = {}
 _IR_TAG = source_tag("sad_ir.py")
 
 
-def _kernels(variant, paired=False):
-    """(sad kernel, fused layer kernel) for ``variant`` (``paired``: the AVX-512 kernel for 32
-    channels at stride 1, ``sad_pair_block``), built (not compiled) on first use."""
-    key = (variant, paired)
-    if key not in _KERNELS:
-        if paired:
-            n_pairs, n_filt = PAIR_BLOCK
-            block = {"SAD": sad_pair_block(n_pairs, n_filt), "BLOCK_P": 2 * n_pairs, "BLOCK_F": n_filt}
+def _kernels(variant):
+    """(sad kernel, fused layer kernel) for ``variant``, built (not compiled) on first use."""
+    if variant not in _KERNELS:
+        n_pix, n_blk = BLOCK[variant]
+        if variant == "portable":
+            block, rows = {"SAD": portable_block(n_pix, n_blk)}, _plain_rows
         else:
-            n_pix, n_filt = BLOCK[variant]
-            block = {"SAD": sad_block(variant, n_pix, n_filt), "BLOCK_P": n_pix, "BLOCK_F": n_filt}
-        block["PAIRED"] = paired
-        tag = f"{variant}{'_paired' if paired else ''}_{_IR_TAG}"
-        rows = compile_template(_sad_rows, f"_sad_rows_{tag}", block, False, _FM)
-        env = {**block, "sad_rows": rows}
-        _KERNELS[key] = (compile_template(_sad_kernel, f"_sad_kernel_{tag}", env, True, _FM),
-                         compile_template(_layer_kernel, f"_layer_kernel_{tag}", env, True, _FM))
-    return _KERNELS[key]
+            block, rows = {"SAD": sad_row(8 * LANES[variant], n_pix, n_blk), "LANES": LANES[variant]}, _grouped_rows
+        block.update(BLOCK_P=n_pix, BLOCK_F=n_blk)
+        tag = f"{variant}_{_IR_TAG}"
+        env = {**block, "sad_rows": compile_template(rows, f"_sad_rows_{tag}", block, False, _FM)}
+        _KERNELS[variant] = (compile_template(_sad_kernel, f"_sad_kernel_{tag}", env, True, _FM),
+                             compile_template(_layer_kernel, f"_layer_kernel_{tag}", env, True, _FM))
+    return _KERNELS[variant]
 
 
-def _pick(variant, wq, stride, out_w):
-    """(kernels, filters) for a call: the paired AVX-512 kernel, with each filter tap stored
-    twice, where it applies (32 padded channels, stride 1, two output columns or more)."""
-    name = default_variant(variant)
-    if name == "avx512" and wq.shape[3] == 32 and tuple(stride) == (1, 1) and out_w >= 2:
-        return _kernels(name, True), np.concatenate([wq, wq], axis=3)
-    return _kernels(name), wq
+class PackedFilters(NamedTuple):
+    """uint8 filters (O, kh, kw, Cp) in the layout of one SAD variant (:func:`pack_filters`)."""
+    variant: str
+    data: np.ndarray
+    shape: tuple
+
+
+def pack_filters(wq, variant=None):
+    """``wq`` (O, kh, kw, Cp) uint8 in the layout of ``variant`` (default: :func:`default_variant`):
+    psadbw variants group the filters L at a time (zero filters pad the last group), each
+    kernel row's bytes in steps of 8 channels, the L filters' 8 bytes side by side, as
+    (ceil(O / L), kh, kw, Cp * L); portable keeps (O, kh, kw, Cp)."""
+    packed = isinstance(wq, PackedFilters)
+    name = wq.variant if packed and variant is None else default_variant(variant)
+    if packed:
+        if wq.variant != name:
+            raise ValueError(f"filters packed for SAD variant {wq.variant!r}, not {name!r}")
+        return wq
+    _check_layout(None, wq)
+    if name == "portable":
+        return PackedFilters(name, wq, wq.shape)
+    lanes = LANES[name]
+    o, kh, kw, cp = wq.shape
+    groups = -(-o // lanes)
+    w = np.zeros((groups * lanes, kh, kw, cp), np.uint8)
+    w[:o] = wq
+    w = w.reshape(groups, lanes, kh, kw * cp // 8, 8).transpose(0, 2, 3, 1, 4)
+    return PackedFilters(name, np.ascontiguousarray(w).reshape(groups, kh, kw, cp * lanes), wq.shape)
 
 
 def _check_layout(xq, wq):
-    if xq.dtype != np.uint8 or wq.dtype != np.uint8 or xq.ndim != 4 or wq.ndim != 4:
+    """ValueError unless input ``xq`` (None: not checked) and filters ``wq`` (an array or
+    :class:`PackedFilters`) suit the kernels."""
+    arrays = [a for a in (xq, wq) if a is not None and not isinstance(a, PackedFilters)]
+    if any(not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 4 for a in arrays):
         raise ValueError("SAD kernels take 4-D uint8 arrays (N, Hp, Wp, Cp) and (O, kh, kw, Cp)")
-    if xq.shape[3] != wq.shape[3] or (wq.shape[2] * wq.shape[3]) % 32:
-        raise ValueError(f"input {xq.shape} and filters {wq.shape}: channels must match and "
-                         "kw * Cp be a multiple of 32 (see padded_channels)")
-    if not (xq.flags.c_contiguous and wq.flags.c_contiguous):
+    shape = wq.shape
+    if (xq is not None and xq.shape[3] != shape[3]) or (shape[2] * shape[3]) % 32:
+        raise ValueError(f"input {None if xq is None else xq.shape} and filters {tuple(shape)}: channels "
+                         "must match and kw * Cp be a multiple of 32 (see padded_channels)")
+    if not all(a.flags.c_contiguous for a in arrays):
         raise ValueError("SAD kernels need C-contiguous arrays")
 
 
@@ -235,8 +266,8 @@ def sad2d(xq, wq, stride=(1, 1), variant=None):
     if hp < kh or wp < kw:
         raise ValueError(f"padded input {hp}x{wp} is smaller than the kernel {kh}x{kw}")
     out = np.empty((n, (hp - kh) // sh + 1, (wp - kw) // sw + 1, o), np.int32)
-    kernels, filters = _pick(variant, wq, stride, out.shape[2])
-    _launch(kernels[0], out.size * wq[0].size, xq, filters, out, sh, sw)
+    packed = pack_filters(wq, variant)
+    _launch(_kernels(packed.variant)[0], out.size * kh * kw * xq.shape[3], xq, packed.data, out, sh, sw)
     return out
 
 
@@ -253,6 +284,8 @@ def adder_layer(xq, wq, alpha, beta, s_in, a_pow=1.0, relu=False, skip=None, res
     n, hp, wp, _ = xq.shape
     o, kh, kw, _ = wq.shape
     h, w = hp - 2 * (kh // 2), wp - 2 * (kw // 2)
+    if np.shape(alpha) != (o,) or np.shape(beta) != (o,):
+        raise ValueError(f"alpha and beta must have one value per filter ({o})")
     if s_in and o > xq.shape[3]:
         raise ValueError("the self-shortcut needs as many input channels as filters")
     empty_f = np.empty((1, 1, 1, 1), np.float32)
@@ -264,9 +297,9 @@ def adder_layer(xq, wq, alpha, beta, s_in, a_pow=1.0, relu=False, skip=None, res
         raise ValueError(f"qout must be padded uint8 NHWC around {h}x{w} with >= {o} channels")
     flags = np.array([skip is not None, fout is not None, qout is not None], np.bool_)
     f32 = np.float32
-    kernels, filters = _pick(variant, wq, (1, 1), w)
-    _launch(kernels[1], n * h * w * o * kh * kw * xq.shape[3],
-            xq, filters, np.ascontiguousarray(alpha, f32), np.ascontiguousarray(beta, f32), f32(s_in),
+    packed = pack_filters(wq, variant)
+    _launch(_kernels(packed.variant)[1], n * h * w * o * kh * kw * xq.shape[3],
+            xq, packed.data, np.ascontiguousarray(alpha, f32), np.ascontiguousarray(beta, f32), f32(s_in),
             f32(a_pow), bool(relu), empty_f if skip is None else skip, f32(res_scale),
             empty_f if fout is None else fout,
             np.empty((1, 1, 1, 1), np.uint8) if qout is None else qout, f32(1.0 / s_out), f32(z_out), flags)
