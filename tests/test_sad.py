@@ -147,18 +147,38 @@ def test_variant_choice(monkeypatch):
                 sad.default_variant(variant)
 
 
-def test_cpu_without_avx2_runs_the_portable_kernel(tmp_path):
-    """With numba targeting a generic x86-64 (no AVX2) only the portable kernel is offered,
-    and it is exact (the intrinsics are never compiled, which would abort the process)."""
+_TARGET_CHECK = """
+import numpy as np
+from addersr.ops import sad
+assert sad.variants() == {variants!r}, sad.variants()
+r = np.random.default_rng()
+for c, o, w, stride in ((32, 3, 6, (1, 2)), (64, 13, 9, (1, 1)), (32, 33, 7, (2, 1)), (96, 4, 5, (1, 1))):
+    x = r.integers(0, 256, (1, 5, w + 2, c)).astype(np.uint8)
+    wq = r.integers(0, 256, (o, 3, 3, c)).astype(np.uint8)
+    ref = np.abs(np.lib.stride_tricks.sliding_window_view(x.astype(int), (3, 3), (1, 2))
+                 [0, :, :, None].transpose(0, 1, 2, 4, 5, 3) - wq[None, None].astype(int)).sum((3, 4, 5))
+    for v in sad.variants():
+        assert (sad.sad2d(x, wq, stride, variant=v)[0] == ref[::stride[0], ::stride[1]]).all(), (v, c, o)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("cpu_name, features, expected", [
+    ("generic", None, ["portable"]),
+    ("haswell", "+avx2,+avx,+fma,+sse4.2,+popcnt", ["vpsadbw", "portable"])], ids=["generic", "haswell"])
+def test_sad_on_narrower_targets(cpu_name, features, expected, tmp_path):
+    """With numba targeting a generic x86-64 only the portable kernel is offered (the
+    intrinsics are never compiled, which would abort the process); targeting an AVX2 CPU
+    (16 vector registers, masked stores without AVX-512) the vpsadbw kernel is built for
+    it; both exact, also at stride 2."""
     import subprocess
     import sys
-    code = ("import numpy as np; from addersr.ops import sad; assert sad.variants() == ['portable'];"
-            "r = np.random.default_rng(0); x = r.integers(0, 256, (1, 5, 6, 32)).astype(np.uint8);"
-            "w = r.integers(0, 256, (3, 3, 3, 32)).astype(np.uint8); y = sad.sad2d(x, w);"
-            "ref = np.abs(np.lib.stride_tricks.sliding_window_view(x.astype(int), (3, 3), (1, 2))"
-            "[0, :, :, None].transpose(0, 1, 2, 4, 5, 3) - w[None, None].astype(int)).sum((3, 4, 5));"
-            "assert (y[0] == ref).all(); print('ok')")
-    env = {**__import__("os").environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    if features and not has_avx2():
+        pytest.skip("this CPU cannot run AVX2 code")
+    env = {**__import__("os").environ, "NUMBA_CPU_NAME": cpu_name, "NUMBA_CACHE_DIR": str(tmp_path)}
+    if features:
+        env["NUMBA_CPU_FEATURES"] = features
+    code = _TARGET_CHECK.format(variants=expected)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
